@@ -1,0 +1,139 @@
+"""The segment loop shared by the per-layer-memory wrappers (ARMT, linear memory, per-layer memory RMT).
+
+Written the way research code is written: state lives in the layer wrappers' attributes, the loop over
+segments is plain Python, and every segment is a fresh call of the Hugging Face model on
+``inputs_embeds`` (so positions restart at 0 and attention is causal within the segment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ._common import _get_path, check_input_ids, find_decoder_layers
+
+__all__ = ["SegmentedMemoryLM", "causal_lm_loss"]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over the whole (concatenated) sequence; ``-100`` labels are ignored."""
+    vocab = logits.shape[-1]
+    shifted = logits[:, :-1].reshape(-1, vocab).float()  # [B*(N-1), V]
+    targets = labels[:, 1:].reshape(-1).to(shifted.device)  # [B*(N-1)]
+    return F.cross_entropy(shifted, targets, ignore_index=-100)
+
+
+class SegmentedMemoryLM(nn.Module):
+    """Base of the wrappers whose memory lives in the decoder layers.
+
+    Holds the Hugging Face causal LM as ``self.model`` and ``m`` learned memory-token embeddings
+    ``self.memory`` ([m, d]) that are appended at the END of every segment. Subclasses replace each
+    decoder layer, in place in the base model's ``nn.ModuleList``, by a stateful wrapper that has a
+    ``reset_memory()`` method.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        *,
+        segment_size: int,
+        num_mem_tokens: int,
+        memory_init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if segment_size < 1:
+            raise ValueError(f"segment_size must be >= 1, got {segment_size}")
+        if num_mem_tokens < 0:
+            raise ValueError(f"num_mem_tokens must be >= 0, got {num_mem_tokens}")
+        self.model = base_model
+        self.config = getattr(base_model, "config", None)
+        self.segment_size = int(segment_size)
+        self.num_mem_tokens = int(num_mem_tokens)
+        self._layers_path, layers = find_decoder_layers(base_model)
+        self.num_layers = len(layers)
+        embed = base_model.get_input_embeddings()
+        weight = embed.weight  # [V, d]
+        self.d_model = int(weight.shape[-1])
+        std = float(weight.detach().float().std()) if memory_init_std is None else float(memory_init_std)
+        memory = torch.randn(self.num_mem_tokens, self.d_model, device=weight.device) * std  # [m, d]
+        self.memory = nn.Parameter(memory.to(weight.dtype))
+
+    # -- layers ---------------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The base model's decoder-layer ``nn.ModuleList`` (holding the wrappers once wrapped)."""
+        return _get_path(self.model, self._layers_path)
+
+    @property
+    def layers_path(self) -> str:
+        """Dotted path of the decoder-layer list relative to ``self.model`` (e.g. ``model.layers``)."""
+        return self._layers_path
+
+    def _wrap_layers(self, make_wrapper: Callable[[nn.Module, int], nn.Module]) -> None:
+        """Replace every decoder layer, in place, by ``make_wrapper(layer, index)``."""
+        layers = self.layers
+        for i in range(len(layers)):
+            layers[i] = make_wrapper(layers[i], i)
+
+    def reset_memory(self) -> None:
+        """Clear the recurrent state of every layer wrapper."""
+        for layer in self.layers:
+            layer.reset_memory()
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Run the segments in order; return the logits ``[B, N, V]`` of the N text tokens.
+
+        ``attention_mask`` ([B, N], optional) is split like the tokens; memory rows are always attended.
+        Extra keyword arguments go to every call of the base model.
+        """
+        check_input_ids(input_ids)
+        self.reset_memory()
+        batch, n_tokens = input_ids.shape
+        embed = self.model.get_input_embeddings()
+        m = self.num_mem_tokens
+
+        all_logits = []
+        all_hidden = []
+        for start in range(0, n_tokens, self.segment_size):
+            end = min(start + self.segment_size, n_tokens)
+            n_text = end - start
+            seg_embeds = embed(input_ids[:, start:end])  # [B, t, d]
+            if m > 0:
+                memory = self.memory.unsqueeze(0).expand(batch, -1, -1)  # [B, m, d]
+                seg_embeds = torch.cat([seg_embeds, memory.to(seg_embeds.dtype)], dim=1)  # [B, t+m, d]
+            seg_mask = None
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(batch, m)  # [B, m]
+                seg_mask = torch.cat([attention_mask[:, start:end], ones], dim=1)  # [B, t+m]
+            out = self.model(
+                inputs_embeds=seg_embeds,
+                attention_mask=seg_mask,
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
+            all_logits.append(out.logits[:, :n_text])  # [B, t, V]
+            if output_hidden_states:
+                all_hidden.append([h[:, :n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
+
+        logits = torch.cat(all_logits, dim=1)  # [B, N, V]
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*all_hidden))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
