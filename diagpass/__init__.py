@@ -1,0 +1,31 @@
+"""diagpass: a torch.compile backend that runs recurrent-memory transformers (ARMT and
+kin) with diagonal batching.
+
+    compiled = torch.compile(model, backend="diagbatch")
+
+See ``diagpass.analyze`` for the dependency check on its own, and
+``diagpass.last_compile()`` for what the backend did.
+"""
+
+from diagpass.analyze import analyze
+from diagpass.backend import CompileRecord, compile_history, last_compile
+from diagpass.config import DiagbatchConfig, parse_options
+from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
+from diagpass.report import DependencyReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze",
+    "last_compile",
+    "compile_history",
+    "CompileRecord",
+    "DependencyReport",
+    "DiagbatchConfig",
+    "parse_options",
+    "DiagpassError",
+    "ConfigError",
+    "InputError",
+    "StructureError",
+    "__version__",
+]

@@ -1,0 +1,229 @@
+"""The ``diagbatch`` torch.compile backend.
+
+    compiled = torch.compile(model, backend="diagbatch", options={...})
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it
+works after ``pip install`` without importing diagpass. Two outcomes per graph:
+
+* **proven**: the analyzer proves the wavefront structure; the graph is rewritten into
+  a diagonal program whose batched steps Inductor compiles;
+* **not proven**: plain Inductor on the unchanged graph. The reason is logged and kept
+  in :func:`last_compile`. With ``options={"strict": True}`` it raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+
+from diagpass.capture import trace_clock
+from diagpass.config import DiagbatchConfig, parse_options
+from diagpass.errors import StructureError
+from diagpass.lower import StepCompiler
+from diagpass.report import DependencyReport, analyze_graph
+from diagpass.runtime import DiagonalProgram, build_program
+
+log = logging.getLogger("diagpass.backend")
+
+__all__ = ["diagbatch", "CompileRecord", "CompileTimes", "last_compile", "compile_history", "step_compiler"]
+
+_HISTORY_LIMIT = 64
+
+
+@dataclass(kw_only=True)
+class CompileTimes:
+    """Where compile time went, in seconds."""
+
+    capture_s: float | None = None
+    """Dynamo's trace of the forward (None when the clock was unavailable)."""
+    analysis_s: float = 0.0
+    """Cell labelling, dependency DAG, templates."""
+    rewrite_s: float = 0.0
+    """Building the diagonal program."""
+    inductor_s: float = 0.0
+    """Inductor: the fallback compile, or the step compiles (done at the first run)."""
+
+    @property
+    def backend_s(self) -> float:
+        """diagpass's own work: analysis plus rewrite."""
+        return self.analysis_s + self.rewrite_s
+
+
+@dataclass(kw_only=True)
+class CompileRecord:
+    """What the backend did with one graph. See :func:`last_compile`."""
+
+    applied: bool
+    """The diagonal rewrite is in use."""
+    reason: str | None
+    """Why it is not (``None`` when applied)."""
+    config: DiagbatchConfig
+    """The validated options."""
+    report: DependencyReport | None = None
+    """The analyzer's report on the graph."""
+    num_layers: int = 0
+    num_segments: int = 0
+    num_steps: int = 0
+    """Steps of the program (S+L-1 for ARMT on the diagonal schedule)."""
+    times: CompileTimes = field(default_factory=CompileTimes)
+    program: DiagonalProgram | None = None
+    """The diagonal program (``None`` on fallback)."""
+    num_nodes: int = 0
+    """Nodes in the captured graph."""
+
+    @property
+    def step_compiles(self) -> int:
+        """Distinct batched steps this program compiled so far."""
+        return 0 if self.program is None else len(self.program.runner.used_steps)
+
+    @property
+    def batched_gemms(self) -> int:
+        """Batched GEMM nodes in the steps this program compiled."""
+        return 0 if self.program is None else self.program.runner.batched_gemms
+
+    def summary(self) -> str:
+        head = "diagonal rewrite APPLIED" if self.applied else f"FELL BACK to plain Inductor: {self.reason}"
+        t = self.times
+        lines = [
+            f"diagbatch: {head}",
+            f"  L={self.num_layers} S={self.num_segments} steps={self.num_steps} "
+            f"(sequential would be {self.num_layers * self.num_segments}); graph of {self.num_nodes} nodes",
+            f"  time: capture {t.capture_s if t.capture_s is None else round(t.capture_s, 3)}s, "
+            f"analysis {t.analysis_s:.3f}s, rewrite {t.rewrite_s:.3f}s, inductor {t.inductor_s:.3f}s",
+        ]
+        if self.program is not None:
+            lines.append(
+                f"  {len(self.program.groups)} batched calls; {self.step_compiles} step graphs compiled, "
+                f"{self.batched_gemms} batched GEMMs in them"
+            )
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+_history: list[CompileRecord] = []
+step_compiler = StepCompiler()
+"""Process-wide cache of compiled steps, shared by every program."""
+
+
+def last_compile() -> CompileRecord | None:
+    """The record of the last graph the ``diagbatch`` backend compiled (None: none yet)."""
+    return _history[-1] if _history else None
+
+
+def compile_history() -> list[CompileRecord]:
+    """Records of the recent graphs the backend compiled, oldest first."""
+    return list(_history)
+
+
+def _remember(record: CompileRecord) -> CompileRecord:
+    _history.append(record)
+    del _history[:-_HISTORY_LIMIT]
+    return record
+
+
+def _has_symbolic_shapes(example_inputs: list[Any]) -> bool:
+    for value in example_inputs:
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape):
+            return True
+    return False
+
+
+def _fallback(gm: torch.fx.GraphModule, example_inputs: list[Any], record: CompileRecord) -> Any:
+    counters["diagpass"]["fallbacks"] += 1
+    log.warning("diagbatch: falling back to plain %s: %s", record.config.compiler, record.reason)
+    start = time.perf_counter()
+    if record.config.compiler == "eager":
+        compiled = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs, config_patches=dict(record.config.inductor) or None)
+    record.times.inductor_s = time.perf_counter() - start
+    return compiled
+
+
+def diagbatch(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """torch.compile backend: diagonal batching for segment-recurrent models."""
+    config = parse_options(options, mode=mode)
+    record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
+    record.times.capture_s = trace_clock.elapsed()
+
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        record.reason = (
+            "autograd is on: the diagonal program is inference-only; call the model under "
+            "torch.no_grad() or torch.inference_mode()"
+        )
+        return _fallback(gm, example_inputs, record)
+    if _has_symbolic_shapes(example_inputs):
+        record.reason = (
+            "Dynamo produced a graph with dynamic shapes (after a length change); diagbatch needs "
+            "static shapes: pass dynamic=False to torch.compile"
+        )
+        return _fallback(gm, example_inputs, record)
+
+    analysis = analyze_graph(gm)
+    report = analysis.report
+    record.report = report
+    record.times.analysis_s = report.analysis_s
+    record.num_layers, record.num_segments = report.num_layers, report.num_segments
+    templates = analysis.templates
+    if not report.ok or templates is None:
+        record.reason = report.reason or "no cells found"
+        if config.strict:
+            raise StructureError(f"diagbatch (strict): diagonal structure not proven: {record.reason}", report.violations)
+        return _fallback(gm, example_inputs, record)
+    if templates.unbatchable:
+        record.reason = templates.unbatchable
+        if config.strict:
+            raise StructureError(f"diagbatch (strict): cells cannot be batched: {record.reason}")
+        return _fallback(gm, example_inputs, record)
+    if report.num_segments < config.min_segments:
+        record.reason = f"{report.num_segments} segment(s) < min_segments={config.min_segments}"
+        return _fallback(gm, example_inputs, record)
+
+    start = time.perf_counter()
+    schedule = report.schedule if config.schedule == "diagonal" else [[c] for step in report.schedule for c in step]
+    if config.schedule == "sequential":
+        schedule = sorted(schedule, key=lambda step: (step[0][1], step[0][0]))
+    program = build_program(
+        gm=gm, labels=analysis.labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler
+    )
+    record.times.rewrite_s = time.perf_counter() - start
+    record.program = program
+    record.applied = True
+    record.num_steps = program.num_steps
+    counters["diagpass"]["applied"] += 1
+    counters["diagpass"]["steps"] += program.num_steps
+    log.info(
+        "diagbatch: applied: L=%d S=%d, %d steps, %d batched calls (analysis %.3fs, rewrite %.3fs)",
+        report.num_layers,
+        report.num_segments,
+        program.num_steps,
+        len(program.groups),
+        record.times.analysis_s,
+        record.times.rewrite_s,
+    )
+
+    def run(*args: Any) -> Any:
+        before = program.runner.compile_s
+        with torch.no_grad():
+            result = program(*args)
+        record.times.inductor_s += program.runner.compile_s - before
+        return result
+
+    return run

@@ -1,0 +1,102 @@
+"""Capture a model's forward as Dynamo FX graphs, the same capture the backend sees."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.fx
+
+log = logging.getLogger("diagpass.capture")
+
+__all__ = ["Capture", "capture", "trace_clock"]
+
+
+@dataclass(kw_only=True)
+class Capture:
+    """What Dynamo produced for one call of a model."""
+
+    graphs: list[tuple[torch.fx.GraphModule, list[Any]]] = field(default_factory=list)
+    """Every graph of the call with its example inputs (more than one: graph breaks)."""
+    break_reasons: list[str] = field(default_factory=list)
+    """Dynamo's reasons for each graph break."""
+    trace_s: float = 0.0
+    """Seconds Dynamo spent tracing (backend time excluded)."""
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule | None:
+        """The largest graph: the one that holds the segment loop."""
+        if not self.graphs:
+            return None
+        return max(self.graphs, key=lambda g: len(g[0].graph.nodes))[0]
+
+    @property
+    def example_inputs(self) -> list[Any]:
+        gm = self.graph_module
+        return next(ex for g, ex in self.graphs if g is gm)
+
+
+class _TraceClock:
+    """Times Dynamo's tracing: from the start of a frame compile to the backend call."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self._registered = False
+
+    def install(self) -> None:
+        if self._registered:
+            return
+        try:
+            from torch._dynamo.callback import callback_handler
+
+            callback_handler.register_start_callback(self._on_start)
+            self._registered = True
+        except Exception:  # pragma: no cover - API missing in this torch
+            log.debug("no Dynamo compile-start callback; capture time is not recorded")
+
+    def _on_start(self, *args: Any) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float | None:
+        """Seconds since the current compile started, or None if unknown."""
+        return None if self.started is None else time.perf_counter() - self.started
+
+
+trace_clock = _TraceClock()
+
+
+def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+    """Run ``model(*args, **kwargs)`` once under Dynamo and record its graphs.
+
+    Static shapes, a raised recompile limit (so that a model class analysed many times
+    is still traced), and graph breaks allowed (they are reported, not raised).
+    """
+    result = Capture()
+    trace_clock.install()
+    backend_s = 0.0
+
+    def recorder(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Any:
+        nonlocal backend_s
+        elapsed = trace_clock.elapsed()
+        if elapsed is not None:
+            result.trace_s += elapsed
+        result.graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    compiled = torch.compile(model, backend=recorder, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=10_000, automatic_dynamic_shapes=False):
+        start = time.perf_counter()
+        compiled(*args, **kwargs)
+        total = time.perf_counter() - start
+    if result.trace_s == 0.0:
+        result.trace_s = total
+    after = torch._dynamo.utils.counters["graph_break"]
+    for reason, count in after.items():
+        if count > breaks_before.get(reason, 0):
+            result.break_reasons.append(str(reason))
+    return result

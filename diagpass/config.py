@@ -1,0 +1,128 @@
+"""Backend options, validated into a typed config (``torch.compile(..., options=...)``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from diagpass.errors import ConfigError
+
+__all__ = ["DiagbatchConfig", "parse_options", "MODES"]
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``mode=`` values ``torch.compile`` (and HF's ``CompileConfig``) may send."""
+
+StepCompiler = Literal["inductor", "eager"]
+Schedule = Literal["diagonal", "sequential"]
+Padding = Literal["none", "pow2", "max"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagbatchConfig:
+    """Options of the ``diagbatch`` backend. Pass them as ``options={...}``."""
+
+    strict: bool = False
+    """Raise :class:`~diagpass.StructureError` instead of falling back to plain Inductor
+    when the diagonal structure cannot be proven. The error names the violating edge."""
+
+    min_segments: int = 2
+    """Below this many segments use plain Inductor: there is nothing to batch across."""
+
+    cudagraphs: bool = False
+    """Capture each compiled step in a CUDA graph (CUDA only; ``mode="reduce-overhead"``
+    turns it on)."""
+
+    compiler: StepCompiler = "inductor"
+    """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to
+    run the rewritten program without Inductor (debugging, fast CPU tests)."""
+
+    schedule: Schedule = "diagonal"
+    """``"diagonal"`` batches the cells of each diagonal. ``"sequential"`` runs one cell
+    per step with the same kernels: the ablation that isolates the gain of batching."""
+
+    pad: Padding = "pow2"
+    """Pad a diagonal's batch of cells to bound the number of compiled step shapes:
+    ``"none"`` (one compile per distinct batch size), ``"pow2"`` (next power of two, at
+    most L) or ``"max"`` (always min(L, S); one compile, most wasted work on ramps)."""
+
+    inductor: dict[str, Any] = field(default_factory=dict)
+    """Inductor config overrides for the step graphs and the fallback, e.g.
+    ``{"max_autotune": True}``. Any key of ``torch._inductor.config`` given at the top
+    level of ``options`` lands here too."""
+
+    mode: str | None = None
+    """The ``mode=`` of ``torch.compile``, kept for the record."""
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DiagbatchConfig)}
+
+
+def _inductor_key(key: str) -> bool:
+    """Whether ``key`` (dotted) names an option of ``torch._inductor.config``."""
+    from torch._inductor import config as inductor_config
+
+    try:
+        return key in inductor_config.get_config_copy()
+    except Exception:  # pragma: no cover - older config objects
+        return hasattr(inductor_config, key)
+
+
+def _check_type(name: str, value: Any) -> Any:
+    default = _FIELDS[name].default
+    if name == "inductor":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"diagbatch option 'inductor' must be a dict of str keys, got {value!r}")
+        bad = [k for k in value if not _inductor_key(k)]
+        if bad:
+            raise ConfigError(f"diagbatch option 'inductor' has unknown Inductor config keys: {bad}")
+        return dict(value)
+    if name == "min_segments":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"diagbatch option 'min_segments' must be an int >= 1, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"diagbatch option {name!r} must be a bool, got {type(value).__name__} {value!r}")
+        return value
+    literal = {"compiler": StepCompiler, "schedule": Schedule, "pad": Padding}.get(name)
+    if literal is not None and value not in get_args(literal):
+        raise ConfigError(f"diagbatch option {name!r} must be one of {get_args(literal)}, got {value!r}")
+    return value
+
+
+def parse_options(options: dict[str, Any] | None = None, *, mode: str | None = None) -> DiagbatchConfig:
+    """Validate ``options`` and ``mode`` into a :class:`DiagbatchConfig`.
+
+    Unknown keys and wrong types raise :class:`~diagpass.ConfigError` naming the key.
+    Keys of ``torch._inductor.config`` pass through to Inductor.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"diagbatch: unknown mode {mode!r}; expected one of {MODES}")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"diagbatch options must be a dict, got {type(options).__name__}")
+    values: dict[str, Any] = {"mode": mode}
+    inductor: dict[str, Any] = {}
+    if mode == "reduce-overhead":
+        values["cudagraphs"] = True
+    elif mode == "max-autotune":
+        values["cudagraphs"] = True
+        inductor["max_autotune"] = True
+    elif mode == "max-autotune-no-cudagraphs":
+        inductor["max_autotune"] = True
+    for key, value in (options or {}).items():
+        if key in _FIELDS and key != "mode":
+            if key == "inductor":
+                inductor.update(_check_type(key, value))
+            else:
+                values[key] = _check_type(key, value)
+        elif isinstance(key, str) and _inductor_key(key):
+            inductor[key] = value
+        else:
+            known = sorted(k for k in _FIELDS if k != "mode")
+            raise ConfigError(
+                f"diagbatch: unknown option {key!r}. diagbatch options are {known}; "
+                "keys of torch._inductor.config are passed to Inductor"
+            )
+    values["inductor"] = inductor
+    return DiagbatchConfig(**values)

@@ -1,0 +1,134 @@
+"""Lower a cell template to a batched step: the template over G cells at once.
+
+The batched step is ``torch.func.vmap`` of the template over a leading cell dimension.
+vmap's batching rules turn every linear layer whose weight differs per cell into a
+batched GEMM (``aten.bmm`` against the stacked weights ``[G, K, N]``) and fold the cell
+dimension into the batch dimension of attention. ``make_fx`` then records the batched
+program as an ATen graph, which Inductor compiles to Triton (GPU) or C++ (CPU) kernels.
+
+Compiled steps are cached by (template key, batch size, slot kinds): a new input length,
+a recompile or another model with the same cell shapes reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from diagpass.config import DiagbatchConfig
+
+log = logging.getLogger("diagpass.lower")
+
+__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms"]
+
+_BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
+
+
+def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:
+    """The plain (reference) batched step: vmap of the template over dim 0."""
+    return torch.func.vmap(template, in_dims=tuple(in_dims), out_dims=0)
+
+
+def count_batched_gemms(gm: torch.fx.GraphModule) -> int:
+    """Batched/grouped GEMM nodes in an ATen graph."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(_BATCHED_GEMMS))
+
+
+@dataclass(kw_only=True)
+class CompiledStep:
+    """One compiled batched step."""
+
+    fn: Callable[..., Any]
+    """Takes the slot values (stacked or shared), returns a tuple of ``[G, ...]`` outputs."""
+    batch: int
+    """G: cells per call."""
+    batched_gemms: int
+    """bmm / grouped-mm nodes in the step graph (0 for the eager compiler)."""
+    compile_s: float
+    """Seconds spent tracing and compiling."""
+    aten_graph: torch.fx.GraphModule | None = None
+    """The batched ATen graph handed to Inductor."""
+
+
+class StepCompiler:
+    """Compiles batched steps, once per distinct (template, batch size, slot kinds)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], CompiledStep] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(
+        self,
+        *,
+        key: str,
+        template: torch.fx.GraphModule,
+        in_dims: Sequence[int | None],
+        args: Sequence[Any],
+        batch: int,
+        config: DiagbatchConfig,
+    ) -> tuple[CompiledStep, bool]:
+        """The compiled step for these inputs, and whether it was compiled just now."""
+        devices = tuple(sorted({a.device.type for a in args if isinstance(a, torch.Tensor)}))
+        cache_key = (
+            key,
+            batch,
+            tuple(in_dims),
+            devices,
+            config.compiler,
+            config.cudagraphs,
+            tuple(sorted(config.inductor.items())),
+        )
+        step = self._cache.get(cache_key)
+        if step is not None:
+            counters["diagpass"]["step_cache_hits"] += 1
+            return step, False
+        start = time.perf_counter()
+        batched = batched_template(template, in_dims)
+        if config.compiler == "eager":
+            step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+        else:
+            step = self._inductor(batched, args, batch, config, start)
+        counters["diagpass"]["step_compiles"] += 1
+        log.info(
+            "compiled a step of %d cells (%s) in %.2fs, %d batched GEMMs",
+            batch,
+            config.compiler,
+            step.compile_s,
+            step.batched_gemms,
+        )
+        self._cache[cache_key] = step
+        return step, True
+
+    @staticmethod
+    def _inductor(
+        batched: Callable[..., Any], args: Sequence[Any], batch: int, config: DiagbatchConfig, start: float
+    ) -> CompiledStep:
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch.no_grad():
+            aten = make_fx(batched, tracing_mode="fake")(*args)
+        gemms = count_batched_gemms(aten)
+        counters["diagpass"]["batched_gemms"] += gemms
+        patches = dict(config.inductor)
+        if config.cudagraphs:
+            patches["triton.cudagraphs"] = True
+        example = list(args)
+        with torch.no_grad():
+            compiled = compile_fx(aten, example, config_patches=patches)
+
+        def run(*step_args: Any) -> Any:
+            return compiled(*step_args)
+
+        return CompiledStep(
+            fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten
+        )

@@ -1,0 +1,352 @@
+"""The diagonal program: the captured graph with its cells replaced by batched steps.
+
+The program is an FX ``GraphModule`` with exactly the inputs and outputs of the graph
+Dynamo captured (so Dynamo's own bytecode writes the final recurrent state back to the
+model's attributes). Its body:
+
+* the nodes outside every cell (embeddings, memory-token concat, final norm, LM head),
+  each placed right after the last step it reads and before the first step it feeds;
+* one ``steps`` call per (step, template variant): it gathers the cells' inputs, runs the
+  compiled batched step once, and hands each cell's outputs back.
+
+The program is plain Python (FX codegen frees each value after its last use); only the
+steps go to Inductor, so compile cost does not grow with the number of segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+
+from diagpass.config import DiagbatchConfig
+from diagpass.lower import StepCompiler
+from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
+from diagpass.passes.template import SlotKind
+
+log = logging.getLogger("diagpass.runtime")
+
+__all__ = ["StepGroup", "DiagonalProgram", "build_program"]
+
+
+@dataclass(kw_only=True)
+class StepGroup:
+    """The cells of one step that share a template: one batched call."""
+
+    step: int
+    """Index of the step in the schedule."""
+    variant: int
+    """Template variant."""
+    cells: list[Cell]
+    """Cells in ascending layer order."""
+    lanes: list[int] = field(default_factory=list)
+    """Layer position (in the variant's layer stack) of each lane, padding included."""
+    cell_lane: list[int] = field(default_factory=list)
+    """Lane of each cell."""
+    contiguous: bool = True
+    """Whether :attr:`lanes` is a contiguous range (weights are then a slice, not a gather)."""
+
+
+@dataclass(kw_only=True)
+class _VariantPlan:
+    template: torch.fx.GraphModule
+    key: str
+    slot_kinds: list[SlotKind]
+    in_dims: list[int | None]
+    layers: list[int]
+    """Sorted layers of the variant's cells; a by_layer stack is indexed by position here."""
+    stack_ids: dict[int, int]
+    """by_layer slot -> index into the program's weight stacks."""
+
+
+class WeightStacks(torch.nn.Module):
+    """Per-layer inputs (weights, buffers) stacked once as ``[L, ...]``.
+
+    Restacked only when an input changed: another tensor, or an in-place update
+    (``Tensor._version``), so a stale copy is never used. The stacks cost one extra
+    copy of the per-layer weights; ``extra_bytes`` reports it.
+    """
+
+    def __init__(self, layouts: list[list[int]]) -> None:
+        super().__init__()
+        self.layouts = layouts  # per stack: positions of its members in forward's args
+        self._stamps: list[tuple[Any, ...] | None] = [None] * len(layouts)
+        self._stacks: list[torch.Tensor | None] = [None] * len(layouts)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self._stacks if s is not None)
+
+    def forward(self, *members: torch.Tensor) -> list[torch.Tensor]:
+        for i, layout in enumerate(self.layouts):
+            tensors = [members[j] for j in layout]
+            stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+            if stamp != self._stamps[i]:
+                with torch.no_grad():
+                    self._stacks[i] = torch.stack([t.detach() for t in tensors])  # [L, ...]
+                self._stamps[i] = stamp
+                counters["diagpass"]["weight_restacks"] += 1
+        return list(self._stacks)  # type: ignore[arg-type]
+
+
+class StepRunner(torch.nn.Module):
+    """Runs one :class:`StepGroup`: gather inputs, call the compiled step, scatter outputs."""
+
+    def __init__(
+        self, groups: list[StepGroup], plans: list[_VariantPlan], compiler: StepCompiler, config: DiagbatchConfig
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.plans = plans
+        self.compiler = compiler
+        self.config = config
+        self.compile_s = 0.0
+        self.batched_gemms = 0
+        self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
+
+    def forward(self, group_id: int, stacks: list[torch.Tensor], *inputs: Any) -> tuple[torch.Tensor, ...]:
+        group = self.groups[group_id]
+        plan = self.plans[group.variant]
+        num_cells, num_lanes = len(group.cells), len(group.lanes)
+        args: list[Any] = []
+        cursor = 0
+        for slot, kind in enumerate(plan.slot_kinds):
+            if kind == "shared":
+                args.append(inputs[cursor])
+                cursor += 1
+            elif kind == "per_cell":
+                values = inputs[cursor : cursor + num_cells]
+                cursor += num_cells
+                if num_lanes == num_cells:
+                    args.append(torch.stack(values))  # [G, ...]
+                else:  # padded lanes repeat the first cell's input; their outputs are dropped
+                    lane_values = [values[0]] * num_lanes
+                    for cell_index, lane in enumerate(group.cell_lane):
+                        lane_values[lane] = values[cell_index]
+                    args.append(torch.stack(lane_values))
+            else:
+                stack = stacks[plan.stack_ids[slot]]
+                if group.contiguous:
+                    args.append(stack[group.lanes[0] : group.lanes[0] + num_lanes])  # [G, ...], no copy
+                else:
+                    index = torch.tensor(group.lanes, device=stack.device)
+                    args.append(stack.index_select(0, index))
+        step, fresh = self.compiler.get(
+            key=plan.key, template=plan.template, in_dims=plan.in_dims, args=args, batch=num_lanes, config=self.config
+        )
+        if id(step) not in self.used_steps:
+            self.used_steps[id(step)] = step
+            self.batched_gemms += step.batched_gemms
+        if fresh:
+            self.compile_s += step.compile_s
+        outputs = step.fn(*args)
+        counters["diagpass"]["batched_steps"] += 1
+        counters["diagpass"]["cells_run"] += num_cells
+        return tuple(out[lane] for lane in group.cell_lane for out in outputs)
+
+
+@dataclass(kw_only=True)
+class DiagonalProgram:
+    """The compiled program and what it is made of."""
+
+    module: torch.fx.GraphModule
+    """Same inputs and outputs as the captured graph."""
+    groups: list[StepGroup]
+    """Batched calls, in execution order."""
+    num_steps: int
+    """Steps of the schedule."""
+    runner: StepRunner
+    stacks: WeightStacks
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def _copy_attr(source: torch.nn.Module, target: torch.nn.Module, dotted: str) -> None:
+    *path, name = dotted.split(".")
+    for part in path:
+        source = getattr(source, part)
+        if not hasattr(target, part):
+            target.add_module(part, torch.nn.Module())
+        target = getattr(target, part)
+    value = getattr(source, name)
+    if isinstance(value, torch.nn.Module):
+        target.add_module(name, value)
+    else:
+        setattr(target, name, value)
+
+
+def _pad(count: int, limit: int, mode: str) -> int:
+    if mode == "none" or count >= limit:
+        return count
+    if mode == "max":
+        return limit
+    padded = 1
+    while padded < count:
+        padded *= 2
+    return min(padded, limit)
+
+
+def build_program(
+    *,
+    gm: torch.fx.GraphModule,
+    labels: CellLabels,
+    templates: TemplateAnalysis,
+    schedule: list[list[Cell]],
+    config: DiagbatchConfig,
+    compiler: StepCompiler,
+) -> DiagonalProgram:
+    """Rewrite ``gm`` into the step program. Linear in graph size."""
+    start = time.perf_counter()
+    bindings = templates.bindings
+    step_of = {cell: i for i, step in enumerate(schedule) for cell in step}
+
+    # Per variant: its template module, slot kinds and the layer stacks its by_layer slots read.
+    stack_members: list[list[torch.fx.Node]] = []
+    stack_index: dict[tuple[torch.fx.Node, ...], int] = {}
+    plans: list[_VariantPlan] = []
+    for template in templates.templates:
+        layers = sorted({layer for layer, _ in template.cells})
+        stack_ids: dict[int, int] = {}
+        for slot, kind in enumerate(template.slot_kinds):
+            if kind != "by_layer":
+                continue
+            first_cell = {}
+            for cell in template.cells:
+                first_cell.setdefault(cell[0], cell)
+            members = tuple(bindings[first_cell[layer]].inputs[slot] for layer in layers)
+            if members not in stack_index:
+                stack_index[members] = len(stack_members)
+                stack_members.append(list(members))
+            stack_ids[slot] = stack_index[members]
+        plans.append(
+            _VariantPlan(
+                template=build_template_module(template, bindings, gm),
+                key=template.key,
+                slot_kinds=list(template.slot_kinds),
+                in_dims=[None if k == "shared" else 0 for k in template.slot_kinds],
+                layers=layers,
+                stack_ids=stack_ids,
+            )
+        )
+
+    # Groups: per step, the cells of each variant, in layer order.
+    groups: list[StepGroup] = []
+    groups_of_step: list[list[int]] = []
+    for step_index, step in enumerate(schedule):
+        by_variant: dict[int, list[Cell]] = {}
+        for cell in sorted(step):
+            by_variant.setdefault(bindings[cell].variant, []).append(cell)
+        ids = []
+        for variant, cells in sorted(by_variant.items()):
+            plan = plans[variant]
+            position = {layer: i for i, layer in enumerate(plan.layers)}
+            positions = [position[c[0]] for c in cells]
+            contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
+            group = StepGroup(step=step_index, variant=variant, cells=cells, contiguous=contiguous)
+            if contiguous:
+                lanes_n = _pad(len(cells), len(plan.layers), config.pad)
+                first = min(positions[0], len(plan.layers) - lanes_n)
+                group.lanes = list(range(first, first + lanes_n))
+                group.cell_lane = [p - first for p in positions]
+            else:
+                group.lanes = positions
+                group.cell_lane = list(range(len(cells)))
+            ids.append(len(groups))
+            groups.append(group)
+        groups_of_step.append(ids)
+
+    # Time of each node: a step d runs at 2d+1; other nodes at the even time after their inputs.
+    cell_of = labels.cell_of
+    time_of: dict[torch.fx.Node, int] = {}
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        cell = cell_of.get(node)
+        if cell is not None:
+            time_of[node] = 2 * step_of[cell] + 1
+            continue
+        t = max((time_of.get(i, 0) for i in node.all_input_nodes), default=0)
+        time_of[node] = t + (t % 2)
+    for node in nodes:  # the theorem, once more, on the actual node times
+        cell = cell_of.get(node)
+        if cell is not None:
+            for i in node.all_input_nodes:
+                if i not in cell_of and time_of.get(i, 0) > time_of[node]:
+                    raise AssertionError(f"node {i.name} runs after the step of {cell} that reads it")
+    outside = [n for n in nodes if n.op not in ("placeholder", "output") and n not in cell_of]
+    outside.sort(key=lambda n: time_of[n])  # stable: graph order within a time
+
+    stacks = WeightStacks([])
+    runner = StepRunner(groups, plans, compiler, config)
+    root = torch.nn.Module()
+    root.add_module("stacks", stacks)
+    root.add_module("steps", runner)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    member_nodes: list[torch.fx.Node] = []
+    member_pos: dict[torch.fx.Node, int] = {}
+    layouts: list[list[int]] = []
+    for members in stack_members:
+        layout = []
+        for m in members:
+            if m not in member_pos:
+                member_pos[m] = len(member_nodes)
+                member_nodes.append(m)
+            layout.append(member_pos[m])
+        layouts.append(layout)
+    stacks.layouts = layouts
+    stacks._stamps = [None] * len(layouts)
+    stacks._stacks = [None] * len(layouts)
+    stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
+
+    def emit_step(step_index: int) -> None:
+        for group_id in groups_of_step[step_index]:
+            group = groups[group_id]
+            plan = plans[group.variant]
+            args: list[torch.fx.Node] = []
+            for slot, kind in enumerate(plan.slot_kinds):
+                if kind == "shared":
+                    args.append(env[bindings[group.cells[0]].inputs[slot]])
+                elif kind == "per_cell":
+                    args.extend(env[bindings[c].inputs[slot]] for c in group.cells)
+            call = graph.call_module("steps", (group_id, stacks_node, *args))
+            call.meta["diagpass_group"] = group_id
+            index = 0
+            for cell in group.cells:
+                for out in bindings[cell].outputs:
+                    item = graph.call_function(operator.getitem, (call, index))
+                    item.meta = dict(out.meta)
+                    env[out] = item
+                    index += 1
+
+    emitted_steps = 0
+    for node in outside:
+        while emitted_steps < len(schedule) and 2 * emitted_steps + 1 < time_of[node]:
+            emit_step(emitted_steps)
+            emitted_steps += 1
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    while emitted_steps < len(schedule):
+        emit_step(emitted_steps)
+        emitted_steps += 1
+    output = next(n for n in nodes if n.op == "output")
+    graph.node_copy(output, lambda n: env[n])
+    graph.lint()
+    for node in outside:  # attributes and submodules the copied nodes read
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(gm, root, str(node.target))
+    module = torch.fx.GraphModule(root, graph, class_name="DiagonalProgram")
+    counters["diagpass"]["programs"] += 1
+    counters["diagpass"]["groups"] += len(groups)
+    log.debug("built a program of %d steps, %d groups in %.3fs", len(schedule), len(groups), time.perf_counter() - start)
+    return DiagonalProgram(module=module, groups=groups, num_steps=len(schedule), runner=runner, stacks=stacks)

@@ -1,0 +1,330 @@
+"""Cell templates and bindings: the central data structure of diagpass (DESIGN.md §6).
+
+Every cell is an instance of a *template*: the same ops on the same shapes and dtypes,
+differing only in the values it reads from outside (its *inputs*: a layer's weights, the
+state of the previous segment, the hidden states of the layer below). A
+:class:`CellTemplate` is one such op sequence with numbered input and output slots; a
+:class:`CellBinding` says, for one cell, which graph node fills each slot.
+
+Cells with the same canonical form share a template (a *variant*). The first segment
+(another code path) and a short last segment (other shapes) are variants, not failures.
+
+Each input slot of a template has a *kind*, read off the bindings of all its cells:
+
+* ``shared``: every cell reads the same node (a global such as an attention mask);
+* ``by_layer``: a graph input (weight, buffer) that depends on the layer only, so a
+  diagonal can read a contiguous slice of the inputs stacked once as ``[L, ...]``;
+* ``per_cell``: anything else (activations, state), stacked per step.
+
+This pass is pure: it reads a graph and the cell labels and returns plain data.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+
+from .cells import Cell, CellLabels
+from .dependencies import source_line
+
+__all__ = [
+    "SlotKind",
+    "CellTemplate",
+    "CellBinding",
+    "TemplateAnalysis",
+    "extract_templates",
+    "build_template_module",
+    "node_value",
+]
+
+SlotKind = Literal["shared", "by_layer", "per_cell"]
+
+
+def node_value(node: torch.fx.Node) -> Any:
+    """The fake value Dynamo (``example_value``) or AOT (``val``) recorded for ``node``."""
+    meta = node.meta
+    return meta["val"] if "val" in meta else meta.get("example_value")
+
+
+def _value_signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type)
+    if isinstance(value, (tuple, list)):
+        return tuple(_value_signature(v) for v in value)
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return ("V", type(value).__name__)
+    return ("?", type(value).__name__)
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return f"{node.op}:{target}"
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{node.op}:{module}.{name}"
+
+
+@dataclass(kw_only=True)
+class CellTemplate:
+    """One variant of the cell: an op sequence with numbered input and output slots."""
+
+    variant: int
+    """Index of this variant in :attr:`TemplateAnalysis.templates`."""
+    exemplar: Cell
+    """The cell whose nodes are the template's body."""
+    nodes: list[torch.fx.Node]
+    """The exemplar's nodes, in graph order."""
+    key: str
+    """Canonical form as text: equal keys mean interchangeable compiled steps."""
+    num_inputs: int
+    """Number of input slots."""
+    output_locals: list[int]
+    """Output slots, as indices into :attr:`nodes` (union over the variant's cells)."""
+    slot_kinds: list[SlotKind] = field(default_factory=list)
+    """Kind of each input slot."""
+    cells: list[Cell] = field(default_factory=list)
+    """Every cell of this variant."""
+    role: str = "steady"
+    """``steady`` (the main variant), ``first segment``, ``last segment`` or ``other``."""
+
+
+@dataclass(kw_only=True)
+class CellBinding:
+    """Which graph nodes fill one cell's slots."""
+
+    cell: Cell
+    """``(layer, segment)``."""
+    variant: int
+    """Index of the cell's template."""
+    inputs: list[torch.fx.Node]
+    """Graph node read by each input slot."""
+    outputs: list[torch.fx.Node] = field(default_factory=list)
+    """Graph node (inside the cell) that fills each output slot."""
+
+
+@dataclass(kw_only=True)
+class TemplateAnalysis:
+    """Templates, bindings and the uniformity verdict."""
+
+    templates: list[CellTemplate]
+    """One per variant, the main (steady) variant first."""
+    bindings: dict[Cell, CellBinding]
+    """Per cell."""
+    uniform: bool
+    """Whether every cell is the main template, its first-segment or its last-segment variant."""
+    difference: str | None = None
+    """For non-uniform models: the first cell and op that differ from the main template."""
+    unbatchable: str | None = None
+    """Why the cells cannot be batched even though they are uniform (e.g. input mutation)."""
+
+
+def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.fx.Node], list[str]]:
+    """Canonical form of a cell, its external inputs (first-use order) and per-op texts."""
+    local = {node: i for i, node in enumerate(nodes)}
+    inputs: dict[torch.fx.Node, int] = {}
+
+    def canon(arg: Any) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            if arg in local:
+                return ("L", local[arg])
+            if arg not in inputs:
+                inputs[arg] = len(inputs)
+            return ("I", inputs[arg], _value_signature(node_value(arg)))
+        if isinstance(arg, (tuple, list)):
+            return (type(arg).__name__, tuple(canon(a) for a in arg))
+        if isinstance(arg, dict):
+            return ("dict", tuple((k, canon(v)) for k, v in arg.items()))
+        if isinstance(arg, slice):
+            return ("slice", canon(arg.start), canon(arg.stop), canon(arg.step))
+        if isinstance(arg, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+            return repr(arg)
+        if isinstance(arg, (int, float, bool, str, type(None), type(Ellipsis))):
+            return (type(arg).__name__, arg)
+        return ("obj", repr(arg))
+
+    ops: list[tuple[Any, ...]] = []
+    texts: list[str] = []
+    for node in nodes:
+        name = _target_name(node)
+        op = (name, canon(node.args), canon(node.kwargs), _value_signature(node_value(node)))
+        ops.append(op)
+        texts.append(name)
+    return tuple(ops), list(inputs), texts
+
+
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates_input(node: torch.fx.Node, local: set[torch.fx.Node]) -> bool:
+    """Whether ``node`` writes into a tensor that lives outside its cell."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or node.args[0] in local:
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+    return False
+
+
+def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnalysis:
+    """Group cells into variants, bind their slots and classify the slots.
+
+    Linear in the number of nodes: each cell is canonicalised once and compared by hash.
+    """
+    cells = sorted(labels.cells, key=lambda c: (c[1], c[0]))  # segment-major: s=0 first
+    forms: dict[tuple[Any, ...], int] = {}
+    templates: list[CellTemplate] = []
+    bindings: dict[Cell, CellBinding] = {}
+    texts_of: dict[int, list[str]] = {}
+    unbatchable: str | None = None
+    for cell in cells:
+        nodes = labels.cells[cell]
+        form, inputs, texts = _canonical(nodes)
+        variant = forms.get(form)
+        if variant is None:
+            variant = forms[form] = len(templates)
+            templates.append(
+                CellTemplate(
+                    variant=variant,
+                    exemplar=cell,
+                    nodes=nodes,
+                    key=repr(form),
+                    num_inputs=len(inputs),
+                    output_locals=[],
+                )
+            )
+            texts_of[variant] = texts
+        templates[variant].cells.append(cell)
+        bindings[cell] = CellBinding(cell=cell, variant=variant, inputs=inputs)
+        if unbatchable is None:
+            members = set(nodes)
+            for node in nodes:
+                if _mutates_input(node, members):
+                    where, _ = source_line(node)
+                    unbatchable = f"cell {cell} writes in place into a value from outside the cell ({node.name} at {where})"
+                    break
+
+    # Output slots: every local that some cell of the variant lets escape.
+    escaping: dict[int, set[int]] = {t.variant: set() for t in templates}
+    for cell in cells:
+        nodes = labels.cells[cell]
+        members = set(nodes)
+        variant = bindings[cell].variant
+        for i, node in enumerate(nodes):
+            if any(user not in members for user in node.users):
+                escaping[variant].add(i)
+    for template in templates:
+        template.output_locals = sorted(escaping[template.variant])
+        for i in template.output_locals:
+            value = node_value(template.nodes[i])
+            if not isinstance(value, torch.Tensor) and unbatchable is None:
+                node = template.nodes[i]
+                unbatchable = (
+                    f"cell {template.exemplar} passes a non-tensor value ({node.name}: "
+                    f"{type(value).__name__}) out of the layer call at {source_line(node)[0]}"
+                )
+    for cell, binding in bindings.items():
+        nodes = labels.cells[cell]
+        binding.outputs = [nodes[i] for i in templates[binding.variant].output_locals]
+
+    _classify_slots(templates, bindings)
+    _name_roles(templates, labels.num_segments)
+    uniform, difference = _uniformity(templates, labels, texts_of)
+    # Main (steady) variant first; renumber consistently.
+    order = sorted(range(len(templates)), key=lambda v: (templates[v].role != "steady", v))
+    renumber = {old: new for new, old in enumerate(order)}
+    templates = [templates[v] for v in order]
+    for template in templates:
+        template.variant = renumber[template.variant]
+    for binding in bindings.values():
+        binding.variant = renumber[binding.variant]
+    return TemplateAnalysis(
+        templates=templates, bindings=bindings, uniform=uniform, difference=difference, unbatchable=unbatchable
+    )
+
+
+def _classify_slots(templates: list[CellTemplate], bindings: dict[Cell, CellBinding]) -> None:
+    for template in templates:
+        kinds: list[SlotKind] = []
+        for slot in range(template.num_inputs):
+            bound = [bindings[c].inputs[slot] for c in template.cells]
+            # One cell proves nothing shared: treat its inputs as per layer / per cell.
+            if len(bound) > 1 and all(b is bound[0] for b in bound):
+                kinds.append("shared")
+                continue
+            by_layer: dict[int, torch.fx.Node] = {}
+            is_by_layer = all(b.op == "placeholder" for b in bound)
+            for cell, node in zip(template.cells, bound):
+                if by_layer.setdefault(cell[0], node) is not node:
+                    is_by_layer = False
+                    break
+            kinds.append("by_layer" if is_by_layer else "per_cell")
+        template.slot_kinds = kinds
+
+
+def _name_roles(templates: list[CellTemplate], num_segments: int) -> None:
+    # The steady template runs the middle segments; with S <= 2 take the later segment.
+    def rank(t: CellTemplate) -> tuple[bool, bool, int]:
+        segments = {s for _, s in t.cells}
+        middle = any(0 < s < num_segments - 1 for s in segments)
+        return (middle, segments != {0}, len(t.cells))
+
+    main = max(templates, key=rank)
+    for template in templates:
+        segments = {s for _, s in template.cells}
+        if template is main:
+            template.role = "steady"
+        elif segments == {0}:
+            template.role = "first segment"
+        elif segments == {num_segments - 1}:
+            template.role = "last segment"
+        else:
+            template.role = "other"
+
+
+def _uniformity(
+    templates: list[CellTemplate], labels: CellLabels, texts_of: dict[int, list[str]]
+) -> tuple[bool, str | None]:
+    main = next(t for t in templates if t.role == "steady")
+    others = [t for t in templates if t.role == "other"]
+    if not others:
+        return True, None
+    odd = min(others, key=lambda t: (t.exemplar[1], t.exemplar[0]))
+    mine, theirs = texts_of[odd.variant], texts_of[main.variant]
+    index = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    if index < len(odd.nodes):
+        node = odd.nodes[index]
+        where, _ = source_line(node)
+        op = f"op {index} ({node.name}: {mine[index].split(':', 1)[1]}) at {where}"
+    else:
+        op = f"it has {len(mine)} ops where cell {main.exemplar} has {len(theirs)}"
+    return False, f"cell {odd.exemplar} differs from the template of cell {main.exemplar}: {op}"
+
+
+def build_template_module(
+    template: CellTemplate, bindings: dict[Cell, CellBinding], owner: torch.nn.Module
+) -> torch.fx.GraphModule:
+    """A standalone ``GraphModule``: one placeholder per input slot, a tuple of outputs.
+
+    The body is a copy of the exemplar cell's nodes, with their ``meta`` kept. ``owner``
+    is the captured module, which holds whatever ``get_attr`` nodes the body reads.
+    """
+    binding = bindings[template.exemplar]
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for slot, node in enumerate(binding.inputs):
+        placeholder = graph.placeholder(f"slot{slot}_{node.name}")
+        placeholder.meta = dict(node.meta)
+        env[node] = placeholder
+    for node in template.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[template.nodes[i]] for i in template.output_locals))
+    return torch.fx.GraphModule(owner, graph, class_name=f"CellTemplate{template.variant}")
