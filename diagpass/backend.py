@@ -107,6 +107,7 @@ class CompileRecord:
     __str__ = summary
 
 
+trace_clock.install()
 _history: list[CompileRecord] = []
 step_compiler = StepCompiler()
 """Process-wide cache of compiled steps, shared by every program."""
