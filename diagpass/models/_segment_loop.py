@@ -32,10 +32,13 @@ class SegmentedMemoryLM(nn.Module):
     """Base of the wrappers whose memory lives in the decoder layers.
 
     Holds the Hugging Face causal LM as ``self.model`` and ``m`` learned memory-token embeddings
-    ``self.memory`` ([m, d]) that are appended at the END of every segment. Subclasses replace each
-    decoder layer, in place in the base model's ``nn.ModuleList``, by a stateful wrapper that has a
-    ``reset_memory()`` method.
+    ``self.memory`` ([m, d]) that are appended at the END of every segment (and, when the class sets
+    ``read_memory = True``, also put at its START, RMT-style, so that the text can attend to them).
+    Subclasses replace each decoder layer, in place in the base model's ``nn.ModuleList``, by a stateful
+    wrapper that has a ``reset_memory()`` method.
     """
+
+    read_memory: bool = False
 
     def __init__(
         self,
@@ -106,6 +109,7 @@ class SegmentedMemoryLM(nn.Module):
         batch, n_tokens = input_ids.shape
         embed = self.model.get_input_embeddings()
         m = self.num_mem_tokens
+        lead = m if self.read_memory else 0  # memory rows before the text
 
         all_logits = []
         all_hidden = []
@@ -114,12 +118,15 @@ class SegmentedMemoryLM(nn.Module):
             n_text = end - start
             seg_embeds = embed(input_ids[:, start:end])  # [B, t, d]
             if m > 0:
-                memory = self.memory.unsqueeze(0).expand(batch, -1, -1)  # [B, m, d]
-                seg_embeds = torch.cat([seg_embeds, memory.to(seg_embeds.dtype)], dim=1)  # [B, t+m, d]
+                memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(seg_embeds.dtype)  # [B, m, d]
+                if self.read_memory:
+                    seg_embeds = torch.cat([memory, seg_embeds, memory], dim=1)  # [B, m+t+m, d]
+                else:
+                    seg_embeds = torch.cat([seg_embeds, memory], dim=1)  # [B, t+m, d]
             seg_mask = None
             if attention_mask is not None:
                 ones = attention_mask.new_ones(batch, m)  # [B, m]
-                seg_mask = torch.cat([attention_mask[:, start:end], ones], dim=1)  # [B, t+m]
+                seg_mask = torch.cat([ones[:, :lead], attention_mask[:, start:end], ones], dim=1)  # like embeds
             out = self.model(
                 inputs_embeds=seg_embeds,
                 attention_mask=seg_mask,
@@ -127,9 +134,9 @@ class SegmentedMemoryLM(nn.Module):
                 output_hidden_states=output_hidden_states,
                 **kwargs,
             )
-            all_logits.append(out.logits[:, :n_text])  # [B, t, V]
+            all_logits.append(out.logits[:, lead : lead + n_text])  # [B, t, V]
             if output_hidden_states:
-                all_hidden.append([h[:, :n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
+                all_hidden.append([h[:, lead : lead + n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
 
         logits = torch.cat(all_logits, dim=1)  # [B, N, V]
         hidden_states = None

@@ -257,10 +257,17 @@ def build_rmt(
     device: str | torch.device = "cpu",
     seed: int = 0,
     memory_init_std: float = 0.02,
+    read_memory: bool = True,
 ) -> RMT:
     """A random-weight vanilla :class:`RMT` in eval mode (the non-diagonal negative case)."""
     model = build_base(base, config, dtype=dtype, device=device, seed=seed)
-    rmt = RMT(model, segment_size=segment_size, num_mem_tokens=num_mem_tokens, memory_init_std=memory_init_std)
+    rmt = RMT(
+        model,
+        segment_size=segment_size,
+        num_mem_tokens=num_mem_tokens,
+        memory_init_std=memory_init_std,
+        read_memory=read_memory,
+    )
     return rmt.eval()
 
 
@@ -300,11 +307,16 @@ def build_per_layer_memory_rmt(
     device: str | torch.device = "cpu",
     seed: int = 0,
     memory_init_std: float = 0.02,
+    read_memory: bool = True,
 ) -> PerLayerMemoryRMT:
     """A random-weight :class:`PerLayerMemoryRMT` in eval mode."""
     model = build_base(base, config, dtype=dtype, device=device, seed=seed)
     rmt = PerLayerMemoryRMT(
-        model, segment_size=segment_size, num_mem_tokens=num_mem_tokens, memory_init_std=memory_init_std
+        model,
+        segment_size=segment_size,
+        num_mem_tokens=num_mem_tokens,
+        memory_init_std=memory_init_std,
+        read_memory=read_memory,
     )
     return rmt.eval()
 

@@ -1,11 +1,16 @@
 """Vanilla RMT (Bulatov et al., 2022) and a per-layer-memory variant.
 
-* :class:`RMT`: memory tokens sit at the END of each segment. Segment 0 uses the learned memory
-  embeddings; segment s > 0 uses the base model's final hidden state (``hidden_states[-1]``) at the memory
+* :class:`RMT`: the write memory tokens sit at the END of each segment. Segment 0 uses the learned memory
+  embeddings; segment s > 0 uses the base model's final hidden state (``hidden_states[-1]``) at the write
   rows of segment s-1. So layer 0 at segment s depends on the LAST layer at segment s-1: no diagonal
   parallelism (the negative case for the dependency analyzer).
-* :class:`PerLayerMemoryRMT`: layer l's memory-row output at segment s-1 replaces the memory rows of
+* :class:`PerLayerMemoryRMT`: layer l's write-row output at segment s-1 replaces the read memory rows of
   layer l's input at segment s (diagonal-safe: edges (l-1, s) and (l, s-1) only).
+
+Under causal attention, text rows cannot see memory rows placed after them. So, as in Bulatov et al.'s
+decoder-only RMT, the memory is ALSO placed at the start of the segment (the "read" copy):
+the segment row is ``[memory (read), text, memory (write)]`` and the new memory is taken from the write
+rows. ``read_memory=False`` gives the end-only layout (where memory cannot change the text logits).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class RMT(nn.Module):
         segment_size: int,
         num_mem_tokens: int,
         memory_init_std: float | None = None,
+        read_memory: bool = True,
     ) -> None:
         super().__init__()
         if segment_size < 1:
@@ -45,6 +51,7 @@ class RMT(nn.Module):
         self.config = getattr(base_model, "config", None)
         self.segment_size = int(segment_size)
         self.num_mem_tokens = int(num_mem_tokens)
+        self.read_memory = bool(read_memory)
         self._layers_path, layers = find_decoder_layers(base_model)
         self.num_layers = len(layers)
         weight = base_model.get_input_embeddings().weight  # [V, d]
@@ -81,6 +88,7 @@ class RMT(nn.Module):
         batch, n_tokens = input_ids.shape
         embed = self.model.get_input_embeddings()
         m = self.num_mem_tokens
+        lead = m if self.read_memory else 0  # memory rows before the text
 
         memory_state = self.memory.unsqueeze(0).expand(batch, -1, -1)  # [B, m, d]
         all_logits = []
@@ -89,11 +97,15 @@ class RMT(nn.Module):
             end = min(start + self.segment_size, n_tokens)
             n_text = end - start
             seg_embeds = embed(input_ids[:, start:end])  # [B, t, d]
-            seg_embeds = torch.cat([seg_embeds, memory_state.to(seg_embeds.dtype)], dim=1)  # [B, t+m, d]
+            memory = memory_state.to(seg_embeds.dtype)  # [B, m, d]
+            if self.read_memory:
+                seg_embeds = torch.cat([memory, seg_embeds, memory], dim=1)  # [B, m+t+m, d]
+            else:
+                seg_embeds = torch.cat([seg_embeds, memory], dim=1)  # [B, t+m, d]
             seg_mask = None
             if attention_mask is not None:
                 ones = attention_mask.new_ones(batch, m)  # [B, m]
-                seg_mask = torch.cat([attention_mask[:, start:end], ones], dim=1)  # [B, t+m]
+                seg_mask = torch.cat([ones[:, :lead], attention_mask[:, start:end], ones], dim=1)  # like embeds
             out = self.model(
                 inputs_embeds=seg_embeds,
                 attention_mask=seg_mask,
@@ -102,9 +114,9 @@ class RMT(nn.Module):
                 **kwargs,
             )
             memory_state = out.hidden_states[-1][:, -m:]  # [B, m, d]
-            all_logits.append(out.logits[:, :n_text])  # [B, t, V]
+            all_logits.append(out.logits[:, lead : lead + n_text])  # [B, t, V]
             if output_hidden_states:
-                all_hidden.append([h[:, :n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
+                all_hidden.append([h[:, lead : lead + n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
 
         self.memory_state = memory_state
         logits = torch.cat(all_logits, dim=1)  # [B, N, V]
@@ -116,16 +128,18 @@ class RMT(nn.Module):
 
 
 class PerLayerMemoryLayer(nn.Module):
-    """A decoder layer whose memory rows at segment s are its own memory-row output at segment s-1.
+    """A decoder layer whose read memory rows at segment s are its own write-row output at segment s-1.
 
-    State: ``self.mem`` [B, m, d] and the bool ``first_seg``. On the first segment the memory rows come
-    from the layer below (the learned memory embeddings at layer 0).
+    The write rows are the last m rows; the read rows are the first m rows (``read_memory=True``) or,
+    end-only layout, the last m rows. State: ``self.mem`` [B, m, d] and the bool ``first_seg``. On the
+    first segment the memory rows come from the layer below (the learned memory embeddings at layer 0).
     """
 
-    def __init__(self, layer: nn.Module, num_mem_tokens: int) -> None:
+    def __init__(self, layer: nn.Module, num_mem_tokens: int, read_memory: bool = True) -> None:
         super().__init__()
         self.layer = layer
         self.num_mem_tokens = num_mem_tokens
+        self.read_memory = read_memory
         copy_layer_attributes(self, layer)
         self.reset_memory()
 
@@ -139,7 +153,10 @@ class PerLayerMemoryLayer(nn.Module):
         m = self.num_mem_tokens
         if not self.first_seg:
             mem = self.mem.to(hidden_states.device)  # [B, m, d]
-            hidden_states = torch.cat([hidden_states[:, :-m], mem], dim=1)  # [B, T+m, d]
+            if self.read_memory:
+                hidden_states = torch.cat([mem, hidden_states[:, m:]], dim=1)  # [B, m+T+m, d]
+            else:
+                hidden_states = torch.cat([hidden_states[:, :-m], mem], dim=1)  # [B, T+m, d]
         out = self.layer(hidden_states, *args, **kwargs)
         self.mem = layer_hidden_states(out)[:, -m:]  # [B, m, d]
         self.first_seg = False
@@ -147,7 +164,10 @@ class PerLayerMemoryLayer(nn.Module):
 
 
 class PerLayerMemoryRMT(SegmentedMemoryLM):
-    """RMT variant with per-layer memory: layer l at segment s reads layer l's memory output at s-1."""
+    """RMT variant with per-layer memory: layer l at segment s reads layer l's memory output at s-1.
+
+    Segment rows are ``[memory (read), text, memory (write)]`` (``read_memory=True``, the default).
+    """
 
     def __init__(
         self,
@@ -156,6 +176,7 @@ class PerLayerMemoryRMT(SegmentedMemoryLM):
         segment_size: int,
         num_mem_tokens: int,
         memory_init_std: float | None = None,
+        read_memory: bool = True,
     ) -> None:
         if num_mem_tokens < 1:
             raise ValueError(f"PerLayerMemoryRMT needs at least one memory token, got {num_mem_tokens}")
@@ -165,7 +186,8 @@ class PerLayerMemoryRMT(SegmentedMemoryLM):
             num_mem_tokens=num_mem_tokens,
             memory_init_std=memory_init_std,
         )
-        self._wrap_layers(lambda layer, i: PerLayerMemoryLayer(layer, num_mem_tokens))
+        self.read_memory = bool(read_memory)
+        self._wrap_layers(lambda layer, i: PerLayerMemoryLayer(layer, num_mem_tokens, self.read_memory))
 
     def memory_states(self) -> list[torch.Tensor | None]:
         """Per layer, the memory rows ``[B, m, d]`` left by the last forward."""
