@@ -7,6 +7,9 @@ See ``diagpass.analyze`` for the dependency check on its own, and
 ``diagpass.last_compile()`` for what the backend did.
 """
 
+from diagpass.logs import configure_from_env as _configure_logging, set_log_level
+
+_configure_logging()  # DIAGPASS_LOG=info|debug|warning: see diagpass/logs.py
 from diagpass.analyze import analyze
 from diagpass.backend import CompileRecord, compile_history, last_compile
 from diagpass.config import DiagbatchConfig, parse_options
@@ -23,6 +26,7 @@ __all__ = [
     "DependencyReport",
     "DiagbatchConfig",
     "parse_options",
+    "set_log_level",
     "DiagpassError",
     "ConfigError",
     "InputError",
