@@ -10,6 +10,7 @@ See ``diagpass.analyze`` for the dependency check on its own, and
 from diagpass.logs import configure_from_env as _configure_logging, set_log_level
 
 _configure_logging()  # DIAGPASS_LOG=info|debug|warning: see diagpass/logs.py
+
 from diagpass.analyze import analyze
 from diagpass.backend import CompileRecord, compile_history, last_compile
 from diagpass.config import DiagbatchConfig, parse_options
