@@ -89,6 +89,7 @@ def tiny_qwen2_config(**overrides: Any) -> Qwen2Config:
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         use_sliding_window=False,
+        sliding_window=None,
         bos_token_id=1,
         eos_token_id=2,
         attn_implementation="sdpa",
