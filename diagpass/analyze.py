@@ -8,7 +8,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from diagpass.capture import capture
+from diagpass.capture import capture, forget
 from diagpass.report import DependencyReport, analyze_graph
 
 log = logging.getLogger("diagpass.analyze")
@@ -24,28 +24,47 @@ def analyze(model: Any, /, *args: Any, **kwargs: Any) -> DependencyReport:
     """Capture ``model(*args, **kwargs)`` with Dynamo and check the wavefront theorem.
 
     Runs the forward once (under ``torch.no_grad()``), so module state is updated as an
-    eager call would update it. Never raises on a model that runs eagerly: a forward
-    Dynamo cannot capture, one with graph breaks, or one with no segment-recurrent
-    structure gets ``ok=False`` and a reason.
+    eager call would update it; twice when the first trace has graph breaks (the second
+    trace, after any lazy initialisation the first call did, is the one analysed). Never
+    raises on a model that runs eagerly: a forward Dynamo cannot capture, one with graph
+    breaks, or one with no segment-recurrent structure gets ``ok=False`` and a reason.
     """
     try:
         with torch.no_grad():
             captured = capture(model, args, kwargs)
+            if captured.has_breaks:
+                # Lazy initialisation breaks only the first trace (transformers 5.x installs its
+                # output_hidden_states hooks on first use), but a break in the segment loop marks
+                # the frame "skip" for good. Clear the marks and trace once more; keep the marks
+                # of a forward that breaks again from leaking into later captures.
+                log.info("analyze: graph breaks on the first trace; tracing once more")
+                first = captured
+                forget(model, first)
+                captured = capture(model, args, kwargs)
+                if captured.has_breaks:
+                    forget(model, first)
+                    forget(model, captured)
     except Exception as error:  # Dynamo failed where eager may not: report it, don't raise
         log.warning("diagpass.analyze: Dynamo could not capture the forward: %s", error)
         return _refuted(f"Dynamo could not capture the forward: {type(error).__name__}: {error}")
     gm = captured.graph_module
     if gm is None:
-        return _refuted("Dynamo captured no graph (the forward ran no tensor ops, or was skipped)")
+        breaks = f": {'; '.join(captured.break_reasons[:3])}" if captured.break_reasons else ""
+        return _refuted(
+            f"Dynamo captured no graph (the forward ran no tensor ops, or was skipped){breaks}",
+            graph_breaks=captured.break_reasons,
+            num_graphs=0,
+        )
     report = analyze_graph(gm).report
     report.trace_s = captured.trace_s
     report.num_graphs = len(captured.graphs)
     report.graph_breaks = captured.break_reasons
-    if len(captured.graphs) > 1:
+    if captured.has_breaks:
         reasons = "; ".join(captured.break_reasons[:3]) or "reason not recorded"
+        skipped = f", {captured.skipped_frames} frame(s) skipped and run eagerly" if captured.skipped_frames else ""
         report.ok = False
         report.reason = (
-            f"the forward has graph breaks ({len(captured.graphs)} graphs; analysed the largest): {reasons}"
+            f"the forward has graph breaks ({len(captured.graphs)} graphs{skipped}; analysed the largest): {reasons}"
             + (f". Without them: {report.reason}" if report.reason else "")
         )
     log.info("analyze: %s", report.reason or "proven")

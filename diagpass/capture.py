@@ -13,7 +13,7 @@ import torch.fx
 
 log = logging.getLogger("diagpass.capture")
 
-__all__ = ["Capture", "capture", "trace_clock"]
+__all__ = ["Capture", "capture", "forget", "trace_clock"]
 
 
 @dataclass(kw_only=True)
@@ -26,6 +26,16 @@ class Capture:
     """Dynamo's reasons for each graph break."""
     trace_s: float = 0.0
     """Seconds Dynamo spent tracing (backend time excluded)."""
+    skipped_frames: int = 0
+    """Frames Dynamo gave up on and ran eagerly (e.g. a graph break inside a loop skips the
+    whole frame: then only nested calls are captured, or nothing)."""
+    codes: list[Any] = field(default_factory=list)
+    """Code objects Dynamo saw for the first time during this capture (see :func:`forget`)."""
+
+    @property
+    def has_breaks(self) -> bool:
+        """Whether the forward was not captured as one whole graph."""
+        return len(self.graphs) > 1 or bool(self.break_reasons) or self.skipped_frames > 0
 
     @property
     def graph_module(self) -> torch.fx.GraphModule | None:
@@ -87,16 +97,61 @@ def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[st
         result.graphs.append((gm, list(example_inputs)))
         return gm.forward
 
-    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    counters = torch._dynamo.utils.counters
+    breaks_before = dict(counters["graph_break"])
+    unsupported_before = dict(counters["unimplemented"])
+    failed_before = counters["frames"]["total"] - counters["frames"]["ok"]
+    codes_before = len(_seen_codes())
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=10_000, automatic_dynamic_shapes=False):
         start = time.perf_counter()
-        compiled(*args, **kwargs)
+        try:
+            compiled(*args, **kwargs)
+        finally:
+            result.codes = [code for code in (ref() for ref in _seen_codes()[codes_before:]) if code is not None]
         total = time.perf_counter() - start
     if result.trace_s == 0.0:
         result.trace_s = total
-    after = torch._dynamo.utils.counters["graph_break"]
-    for reason, count in after.items():
+    for reason, count in counters["graph_break"].items():
         if count > breaks_before.get(reason, 0):
             result.break_reasons.append(str(reason))
+    result.skipped_frames = max(0, counters["frames"]["total"] - counters["frames"]["ok"] - failed_before)
+    if not result.break_reasons and (result.skipped_frames or len(result.graphs) > 1):
+        # A graph break inside a loop skips the whole frame: Dynamo counts it as
+        # "unimplemented", not as a graph break.
+        for reason, count in counters["unimplemented"].items():
+            if count > unsupported_before.get(reason, 0):
+                result.break_reasons.append(str(reason))
     return result
+
+
+def _seen_codes() -> list[Any]:
+    """Weak references to every code object Dynamo has tried to compile (append-only)."""
+    try:
+        from torch._dynamo import convert_frame
+
+        return convert_frame.input_codes.seen
+    except Exception:  # pragma: no cover - private API moved
+        return []
+
+
+def forget(model: Any, result: Capture) -> None:
+    """Drop Dynamo's cache entries and skip marks for the code a capture compiled.
+
+    A graph break inside a loop marks the frame "skip" for good, so a second capture would
+    not even try it. Only the code objects first seen by ``result`` (whose cache entries are
+    the capture's own) and the model's ``forward`` are reset; other compiled code is untouched.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import reset_code
+    except Exception:  # pragma: no cover - private API moved
+        return
+    codes = list(result.codes)
+    forward = getattr(getattr(type(model), "forward", None), "__code__", None) or getattr(model, "__code__", None)
+    if forward is not None:
+        codes.append(forward)
+    for code in codes:
+        try:
+            reset_code(code)
+        except Exception:  # pragma: no cover
+            log.debug("could not reset Dynamo's cache for %s", code)
