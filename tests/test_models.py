@@ -90,8 +90,6 @@ def test_armt_memory_path_changes_output(base: str) -> None:
     # The first segment never reads memory; every later segment does.
     assert rel_err(with_memory[:, :SEG], without[:, :SEG]) < 1e-12
     assert rel_err(with_memory[:, SEG:], without[:, SEG:]) > 1e-3
-    # With W_mv = 0 the model is the base model run segment by segment (+ memory tokens).
-    assert rel_err(without, ref.reference_armt_logits(no_memory, input_ids)) < 1e-10
 
 
 def test_armt_batch_rows_are_independent() -> None:
@@ -289,7 +287,7 @@ def test_linear_memory_matches_reference(base: str, num_mem_tokens: int) -> None
     model = dm.build_linear_memory(
         base=base, dtype=torch.float64, segment_size=SEG, d_key=8, num_mem_tokens=num_mem_tokens, w_v_std=0.1
     )
-    input_ids = ids_for(2, LENGTHS["short_last"])
+    input_ids = ids_for(2, SEG + 3)  # two segments, the last one short
     out = logits(model, input_ids)
     expected = ref.reference_linear_memory_logits(model, input_ids)
     assert rel_err(out, expected) < 1e-10
