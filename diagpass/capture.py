@@ -72,7 +72,18 @@ class _TraceClock:
         self.started = time.perf_counter()
 
     def elapsed(self) -> float | None:
-        """Seconds since the current compile started, or None if unknown."""
+        """Seconds since the current compile started, or None if unknown.
+
+        Reads Dynamo's metrics context (survives ``torch._dynamo.reset()``, which drops
+        the callbacks), else the compile-start callback.
+        """
+        try:
+            context = torch._dynamo.utils.get_metrics_context()
+            start_ns = getattr(context, "_start_time_ns", 0)
+            if context.in_progress() and start_ns:
+                return (time.time_ns() - start_ns) / 1e9
+        except Exception:  # pragma: no cover - private API moved
+            pass
         return None if self.started is None else time.perf_counter() - self.started
 
 

@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from diagpass.config import DiagbatchConfig
+from diagpass.ops import SDPA_TARGETS, batched_sdpa, sdpa_supported
 
 log = logging.getLogger("diagpass.lower")
 
@@ -32,8 +33,24 @@ __all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_ge
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
 
 
+def use_batched_attention(template: torch.fx.GraphModule) -> int:
+    """Point the template's SDPA calls at :func:`~diagpass.ops.batched_sdpa`.
+
+    Returns how many calls were rewritten (``counters["diagpass"]["sdpa_batched"]``).
+    """
+    rewritten = 0
+    for node in template.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS and sdpa_supported(*node.args, **node.kwargs):
+            node.target = batched_sdpa
+            rewritten += 1
+    if rewritten:
+        template.recompile()
+        counters["diagpass"]["sdpa_batched"] += rewritten
+    return rewritten
+
+
 def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:
-    """The plain (reference) batched step: vmap of the template over dim 0."""
+    """The batched step: vmap of the template over dim 0 (cells)."""
     return torch.func.vmap(template, in_dims=tuple(in_dims), out_dims=0)
 
 

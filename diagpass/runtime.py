@@ -26,7 +26,7 @@ import torch.fx
 from torch._dynamo.utils import counters
 
 from diagpass.config import DiagbatchConfig
-from diagpass.lower import StepCompiler
+from diagpass.lower import StepCompiler, use_batched_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
 
@@ -225,9 +225,11 @@ def build_program(
                 stack_index[members] = len(stack_members)
                 stack_members.append(list(members))
             stack_ids[slot] = stack_index[members]
+        module = build_template_module(template, bindings, gm)
+        use_batched_attention(module)
         plans.append(
             _VariantPlan(
-                template=build_template_module(template, bindings, gm),
+                template=module,
                 key=template.key,
                 slot_kinds=list(template.slot_kinds),
                 in_dims=[None if k == "shared" else 0 for k in template.slot_kinds],

@@ -104,3 +104,24 @@ def replace_hidden_states(out: Any, hidden_states: torch.Tensor) -> Any:
     if isinstance(out, tuple):
         return (hidden_states,) + tuple(out[1:])
     return hidden_states
+
+
+def install_output_capturing_hooks(base: nn.Module) -> None:
+    """Install transformers' lazy output-capturing hooks now, not on the first forward.
+
+    transformers 5.x installs forward hooks on a model's first call, under a
+    ``threading.Lock``. Dynamo cannot trace that, so a model compiled before its first
+    eager call would graph-break inside the segment loop. Older versions have no such
+    hooks, and this does nothing.
+    """
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in base.modules():
+        if isinstance(module, PreTrainedModel):
+            try:
+                maybe_install_capturing_hooks(module)
+            except Exception:  # a model without recordable outputs
+                pass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ._common import _get_path, check_input_ids, find_decoder_layers
+from ._common import _get_path, check_input_ids, find_decoder_layers, install_output_capturing_hooks
 
 __all__ = ["SegmentedMemoryLM", "causal_lm_loss"]
 
@@ -58,6 +58,7 @@ class SegmentedMemoryLM(nn.Module):
         self.segment_size = int(segment_size)
         self.num_mem_tokens = int(num_mem_tokens)
         self._layers_path, layers = find_decoder_layers(base_model)
+        install_output_capturing_hooks(base_model)
         self.num_layers = len(layers)
         embed = base_model.get_input_embeddings()
         weight = embed.weight  # [V, d]

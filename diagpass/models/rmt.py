@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ._common import check_input_ids, copy_layer_attributes, find_decoder_layers, layer_hidden_states
+from ._common import check_input_ids, copy_layer_attributes, find_decoder_layers, install_output_capturing_hooks, layer_hidden_states
 from ._segment_loop import SegmentedMemoryLM, causal_lm_loss
 
 __all__ = ["RMT", "PerLayerMemoryLayer", "PerLayerMemoryRMT"]
@@ -53,6 +53,7 @@ class RMT(nn.Module):
         self.num_mem_tokens = int(num_mem_tokens)
         self.read_memory = bool(read_memory)
         self._layers_path, layers = find_decoder_layers(base_model)
+        install_output_capturing_hooks(base_model)
         self.num_layers = len(layers)
         weight = base_model.get_input_embeddings().weight  # [V, d]
         self.d_model = int(weight.shape[-1])

@@ -1,0 +1,276 @@
+"""The diagbatch backend against sequential eager: exactness, schedule, fallback, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import diagpass
+from diagpass import models
+from tests.helpers import compile_and_compare, logits_of, max_rel_err, state_of
+from tests.reference_style import ReferenceStyleARMT
+
+EAGER_STEPS = {"compiler": "eager"}
+
+
+def _ids(batch: int, length: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_diagonal(record: diagpass.CompileRecord, layers: int, segments: int) -> None:
+    assert record.applied, record.reason
+    assert record.num_layers == layers and record.num_segments == segments
+    assert record.num_steps == layers + segments - 1
+    assert counters["diagpass"]["applied"] >= 1
+    assert counters["diagpass"]["steps"] >= layers + segments - 1
+
+
+# --- the zoo -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("batch,length", [(1, 64), (3, 53)])
+def test_zoo_armt_exact(base: str, batch: int, length: int) -> None:
+    model = models.build_armt(base=base, segment_size=16, num_mem_tokens=4, d_mem=8)
+    record = compile_and_compare(model, _ids(batch, length, vocab=model.config.vocab_size))
+    _assert_diagonal(record, layers=len(model.layers), segments=-(-length // 16))
+    assert record.report is not None and record.report.ok and record.report.uniform
+
+
+def test_zoo_linear_memory_exact() -> None:
+    model = models.build_linear_memory(segment_size=16, d_key=8)
+    record = compile_and_compare(model, _ids(2, 60, vocab=model.config.vocab_size))
+    _assert_diagonal(record, layers=len(model.layers), segments=4)
+
+
+def test_zoo_per_layer_memory_exact() -> None:
+    model = models.build_per_layer_memory_rmt(segment_size=16, num_mem_tokens=4)
+    record = compile_and_compare(model, _ids(2, 48, vocab=model.config.vocab_size))
+    _assert_diagonal(record, layers=len(model.layers), segments=3)
+
+
+def test_memory_path_matters() -> None:
+    """The comparison is meaningful: W_mv non-zero changes the output."""
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    ids = _ids(1, 64, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        with_memory = logits_of(model(ids)).clone()
+        for layer in model.layers:
+            layer.W_mv.weight.zero_()
+        without = logits_of(model(ids))
+    assert max_rel_err(without, with_memory) > 1e-3
+
+
+# --- the reference-style user code, swept by Hypothesis ------------------------------------------
+
+
+@settings(max_examples=14)
+@given(
+    layers=st.integers(1, 6),
+    segments=st.integers(1, 8),
+    segment_size=st.sampled_from([4, 8]),
+    mem=st.integers(1, 3),
+    width=st.sampled_from([8, 16]),
+    batch=st.integers(1, 3),
+    short_last=st.integers(0, 3),
+)
+def test_property_reference_style_exact(
+    layers: int, segments: int, segment_size: int, mem: int, width: int, batch: int, short_last: int
+) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    short_last = min(short_last, segment_size - 1)
+    model = ReferenceStyleARMT(layers=layers, width=width, segment_size=segment_size, num_mem_tokens=mem, d_mem=4)
+    ids = _ids(batch, segments * segment_size - short_last)
+    record = compile_and_compare(model, ids, options=EAGER_STEPS, noise_aware=True)
+    if segments >= 2:
+        _assert_diagonal(record, layers=layers, segments=segments)
+        assert record.report.critical_path == layers + segments - 1
+    else:
+        assert not record.applied and "segment" in record.reason
+
+
+def test_reference_style_sequential_ablation_exact() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=8)
+    record = compile_and_compare(model, _ids(2, 40), options={"compiler": "eager", "schedule": "sequential"})
+    assert record.applied and record.num_steps == 3 * 5
+    assert all(len(g.cells) == 1 for g in record.program.groups)
+
+
+@pytest.mark.parametrize("pad", ["none", "pow2", "max"])
+def test_padding_modes_exact(pad: str) -> None:
+    model = ReferenceStyleARMT(layers=5, segment_size=4)
+    record = compile_and_compare(model, _ids(2, 26), options={"compiler": "eager", "pad": pad})
+    lanes = {len(g.lanes) for g in record.program.groups}
+    if pad == "max":
+        assert lanes == {5}
+    elif pad == "pow2":
+        assert lanes <= {1, 2, 4, 5}
+    assert record.step_compiles == len({(g.variant, len(g.lanes)) for g in record.program.groups})
+
+
+# --- refuted models and fallbacks ----------------------------------------------------------------
+
+
+def test_vanilla_rmt_falls_back_exactly() -> None:
+    model = models.build_rmt(segment_size=16, num_mem_tokens=4)
+    record = compile_and_compare(model, _ids(2, 48, vocab=model.config.vocab_size))
+    assert not record.applied
+    assert "wavefront" in record.reason
+    assert record.report.violations and record.report.violations[0].dst[0] == 0
+    assert counters["diagpass"]["fallbacks"] == 1
+
+
+def test_vanilla_rmt_strict_names_the_edge() -> None:
+    model = models.build_rmt(segment_size=16, num_mem_tokens=4)
+    layers = model.config.num_hidden_layers
+    compiled = torch.compile(model, backend="diagbatch", options={"strict": True, "compiler": "eager"})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(_ids(1, 48, vocab=model.config.vocab_size))
+    message = str(info.value)
+    assert "StructureError" in message or isinstance(info.value, diagpass.StructureError)
+    assert f"({layers - 1}, 0) -> (0, 1)" in message
+    assert "rmt.py:" in message
+
+
+def test_mlp_falls_back_cleanly() -> None:
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    record = compile_and_compare(mlp, torch.randn(3, 8))
+    assert not record.applied and record.reason
+
+
+def test_single_segment_falls_back() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    record = compile_and_compare(model, _ids(1, 8))
+    assert not record.applied and "segment" in record.reason
+
+
+def test_min_segments_threshold() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    record = compile_and_compare(model, _ids(1, 24), options={"compiler": "eager", "min_segments": 4})
+    assert not record.applied and "min_segments" in record.reason
+
+
+def test_autograd_falls_back() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    ids = _ids(1, 24)
+    expected = model(ids)
+    actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)(ids)
+    record = diagpass.last_compile()
+    assert not record.applied and "inference-only" in record.reason
+    assert max_rel_err(actual.detach(), expected.detach()) < 1e-5
+    assert actual.requires_grad
+
+
+def test_recompile_after_length_change_is_exact() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=8)
+    compiled = torch.compile(model, backend="diagbatch", options=EAGER_STEPS, dynamic=False)
+    for length in (24, 40, 37, 16):
+        with torch.no_grad():
+            expected = model(_ids(2, length)).clone()
+            actual = compiled(_ids(2, length))
+        record = diagpass.last_compile()
+        assert record.applied and record.num_segments == -(-length // 8)
+        assert max_rel_err(actual, expected) < 1e-5
+
+
+def test_recompile_with_automatic_dynamic_shapes_is_exact() -> None:
+    """Default torch.compile (dynamic=None) marks the length dynamic on the second shape:
+    diagbatch must stay exact (it falls back and says so)."""
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    compiled = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)
+    for length in (24, 21, 23):
+        with torch.no_grad():
+            expected = model(_ids(1, length)).clone()
+            actual = compiled(_ids(1, length))
+        assert max_rel_err(actual, expected) < 1e-5
+    reasons = [r.reason or "" for r in diagpass.compile_history()]
+    assert any("dynamic" in reason for reason in reasons) or all(r.applied for r in diagpass.compile_history()[-3:])
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"strct": True}, "unknown option 'strct'"),
+        ({"strict": "yes"}, "'strict' must be a bool"),
+        ({"min_segments": 0}, "min_segments"),
+        ({"pad": "lots"}, "'pad' must be one of"),
+        ({"inductor": {"not_a_knob": 1}}, "unknown Inductor config keys"),
+    ],
+)
+def test_bad_options_are_clear_errors(options: dict, needle: str) -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    with pytest.raises(Exception) as info, torch.no_grad():
+        torch.compile(model, backend="diagbatch", options=options)(_ids(1, 16))
+    assert needle in str(info.value)
+
+
+def test_parse_options_modes() -> None:
+    assert diagpass.parse_options(None, mode="reduce-overhead").cudagraphs
+    config = diagpass.parse_options({"max_autotune": True, "strict": True}, mode=None)
+    assert config.strict and config.inductor == {"max_autotune": True}
+    assert diagpass.parse_options(None, mode="max-autotune").inductor["max_autotune"]
+    with pytest.raises(diagpass.ConfigError):
+        diagpass.parse_options(None, mode="fastest")
+
+
+def test_mode_reduce_overhead_accepted_on_cpu() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    record = compile_and_compare(model, _ids(1, 24), options={"compiler": "eager", "cudagraphs": False})
+    assert record.applied
+
+
+# --- inspection ------------------------------------------------------------------------------------
+
+
+def test_last_compile_record_is_inspectable() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=8)
+    record = compile_and_compare(model, _ids(1, 32))
+    assert record.times.analysis_s > 0 and record.times.rewrite_s > 0
+    assert record.times.capture_s is None or record.times.capture_s > 0
+    text = str(record)
+    assert "APPLIED" in text and "steps=6" in text
+    assert record.report.schedule[0] == [(0, 0)]
+    # The program keeps the captured graph's interface.
+    assert record.program.module.graph.find_nodes(op="placeholder")
+
+
+def test_weights_restack_after_in_place_update() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    compiled = torch.compile(model, backend="diagbatch", options=EAGER_STEPS, dynamic=False)
+    ids = _ids(1, 24)
+    with torch.no_grad():
+        compiled(ids)
+        model.layers[1].W_mv.weight.mul_(2.0)  # in place: Dynamo's guards still pass
+        expected = model(ids).clone()
+        actual = compiled(ids)
+    assert max_rel_err(actual, expected) < 1e-5
+    assert counters["diagpass"]["weight_restacks"] >= 2
+
+
+# --- Inductor ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_inductor_steps_exact_with_batched_gemms() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=8)
+    record = compile_and_compare(model, _ids(2, 37), options={"compiler": "inductor", "pad": "max"})
+    _assert_diagonal(record, layers=3, segments=5)
+    assert record.batched_gemms > 0 and counters["diagpass"]["batched_gemms"] > 0
+    assert record.times.inductor_s > 0
+
+
+@pytest.mark.slow
+def test_inductor_zoo_armt_exact() -> None:
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    record = compile_and_compare(
+        model, _ids(2, 60, vocab=model.config.vocab_size), options={"compiler": "inductor", "pad": "max"}
+    )
+    _assert_diagonal(record, layers=len(model.layers), segments=4)
+    assert record.batched_gemms > 0
