@@ -222,3 +222,36 @@ def test_log_handler_writes_to_current_stderr(capsys):
         assert "[diagpass INFO] diagpass.analyze: to-captured-stderr" in capsys.readouterr().err
     finally:
         diagpass.set_log_level(None)
+
+
+# -- README ---------------------------------------------------------------------------------------
+
+
+def test_readme_options_table_matches_config():
+    """Every DiagbatchConfig option (but `mode`) has a row in the README options table, with its default."""
+    import dataclasses
+    import json
+
+    from diagpass.config import DiagbatchConfig
+
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
+    for f in dataclasses.fields(DiagbatchConfig):
+        if f.name == "mode":
+            continue
+        assert f"`{f.name}`" in rows, f"README options table lacks `{f.name}`"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = json.dumps(default) if isinstance(default, str) else repr(default)
+        assert f"`{shown}`" in rows[f"`{f.name}`"], f"README shows a stale default for `{f.name}` (want {shown})"
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the pytest command of the README's test set-up line."""
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    lines = [line for line in readme.splitlines() if "pip install -e '.[test]'" in line and "pytest" in line]
+    assert len(lines) == 1, lines
+    command = lines[0].split("&&")[-1].strip()
+    assert command.startswith("python -m pytest")
+    assert command in ci.splitlines() or any(line.strip() == command for line in ci.splitlines())
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
