@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem", type=int, default=None, help="memory tokens m")
     p.add_argument("--d-mem", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--w-mv-std",
+        type=float,
+        default=0.005,
+        help="std of the non-zero W_mv init (larger values make random bf16 ARMT diverge at long inputs)",
+    )
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -139,7 +145,7 @@ def armt_flops(config: Any, tokens: int, segment: int, mem: int, d_mem: int, bat
     return batch * flops
 
 
-def build(settings_: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
+def build(settings_: dict[str, Any], device: torch.device, w_mv_std: float) -> tuple[Any, Any]:
     armt = models.build_armt(
         config=settings_["config"],
         segment_size=settings_["segment"],
@@ -147,6 +153,7 @@ def build(settings_: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
         d_mem=settings_["d_mem"],
         dtype=settings_["dtype"],
         device=device,
+        w_mv_std=w_mv_std,
     )
     full = models.build_base(config=settings_["config"], dtype=settings_["dtype"], device=device)
     return armt, full
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timer = Timer(device)
     torch.manual_seed(0)
-    armt, full = build(s, device)
+    armt, full = build(s, device, args.w_mv_std)
     strip_head(armt.model, args.keep_lm_head)
     strip_head(full, args.keep_lm_head)
     peak = measured_peak_tflops(device, s["dtype"], timer)
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "mem": s["mem"],
         "d_mem": s["d_mem"],
         "batch": args.batch,
+        "w_mv_std": args.w_mv_std,
         "layers": s["config"].num_hidden_layers,
         "hidden": s["config"].hidden_size,
         "peak_tflops": peak,
