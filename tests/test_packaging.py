@@ -254,4 +254,10 @@ def test_ci_runs_the_readme_test_command():
     command = lines[0].split("&&")[-1].strip()
     assert command.startswith("python -m pytest")
     assert command in ci.splitlines() or any(line.strip() == command for line in ci.splitlines())
+    # ... after the same set-up steps.
+    for step in lines[0].split("&&")[:-1]:
+        step = step.strip()
+        if step.startswith("pip install"):
+            package = step.removeprefix("pip install").strip()
+            assert any(package in line and "pip install" in line for line in ci.splitlines()), step
     assert os.access(REPO / ".ci" / "run", os.X_OK)
