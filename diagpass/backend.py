@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,23 +74,23 @@ class CompileRecord:
     num_steps: int = 0
     """Steps of the program (S+L-1 for ARMT on the diagonal schedule)."""
     times: CompileTimes = field(default_factory=CompileTimes)
-    program: DiagonalProgram | None = None
-    """The diagonal program (``None`` on fallback)."""
+    program_ref: Callable[[], DiagonalProgram | None] | None = None
+    """Weak reference to the program: the record must not keep its weight stacks alive."""
+    step_compiles: int = 0
+    """Distinct batched step graphs the program has run (compiled now or found in the cache)."""
+    batched_gemms: int = 0
+    """Batched GEMM nodes (``aten.bmm`` ...) in those step graphs."""
     num_nodes: int = 0
     """Nodes in the captured graph."""
 
     @property
-    def step_compiles(self) -> int:
-        """Distinct batched steps this program compiled so far."""
-        return 0 if self.program is None else len(self.program.runner.used_steps)
-
-    @property
-    def batched_gemms(self) -> int:
-        """Batched GEMM nodes in the steps this program compiled."""
-        return 0 if self.program is None else self.program.runner.batched_gemms
+    def program(self) -> DiagonalProgram | None:
+        """The diagonal program while Dynamo still holds it (``None`` on fallback)."""
+        return None if self.program_ref is None else self.program_ref()
 
     def summary(self) -> str:
-        head = "diagonal rewrite APPLIED" if self.applied else f"FELL BACK to plain Inductor: {self.reason}"
+        plain = "Inductor" if self.config.compiler == "inductor" else "eager"
+        head = "diagonal rewrite APPLIED" if self.applied else f"FELL BACK to plain {plain}: {self.reason}"
         t = self.times
         lines = [
             f"diagbatch: {head}",
@@ -97,9 +99,10 @@ class CompileRecord:
             f"  time: capture {t.capture_s if t.capture_s is None else round(t.capture_s, 3)}s, "
             f"analysis {t.analysis_s:.3f}s, rewrite {t.rewrite_s:.3f}s, inductor {t.inductor_s:.3f}s",
         ]
-        if self.program is not None:
+        program = self.program
+        if program is not None:
             lines.append(
-                f"  {len(self.program.groups)} batched calls; {self.step_compiles} step graphs compiled, "
+                f"  {len(program.groups)} batched calls; {self.step_compiles} step graphs compiled, "
                 f"{self.batched_gemms} batched GEMMs in them"
             )
         return "\n".join(lines)
@@ -205,7 +208,7 @@ def diagbatch(
         gm=gm, labels=analysis.labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler
     )
     record.times.rewrite_s = time.perf_counter() - start
-    record.program = program
+    record.program_ref = weakref.ref(program)
     record.applied = True
     record.num_steps = program.num_steps
     counters["diagpass"]["applied"] += 1
@@ -225,6 +228,8 @@ def diagbatch(
         with torch.no_grad():
             result = program(*args)
         record.times.inductor_s += program.runner.compile_s - before
+        record.step_compiles = len(program.runner.used_steps)
+        record.batched_gemms = program.runner.batched_gemms
         return result
 
     return run

@@ -146,6 +146,9 @@ class StepRunner(torch.nn.Module):
         if fresh:
             self.compile_s += step.compile_s
         outputs = step.fn(*args)
+        if self.config.cudagraphs:
+            # A CUDA-graph replay reuses its output buffers: copy out before the next replay.
+            outputs = tuple(out.clone() for out in outputs)
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
         return tuple(out[lane] for lane in group.cell_lane for out in outputs)
