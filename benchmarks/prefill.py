@@ -238,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in peers:
                     continue
                 torch._dynamo.reset()
+                # torch.compile takes mode= or options=, not both: a mode uses the default options.
                 compiled = torch.compile(
-                    armt, backend="diagbatch", dynamic=False, mode=args.mode, options={**options, "schedule": schedule}
+                    armt,
+                    backend="diagbatch",
+                    dynamic=False,
+                    **({"mode": args.mode} if args.mode and schedule == "diagonal" else {"options": {**options, "schedule": schedule}}),
                 )
                 measure(name, lambda: compiled(ids), compile_fn=lambda: compiled(ids))
                 record = diagpass.last_compile()

@@ -75,6 +75,55 @@ class CompiledStep:
     """The batched ATen graph handed to Inductor."""
 
 
+_graph_pool: Any = None
+
+
+class GraphedStep:
+    """Replays a compiled step from CUDA graphs.
+
+    One graph per set of *static* inputs (the weight slices, identified by address: a
+    diagonal window of the stacked weights is always the same view). The other inputs
+    are copied into the graph's own buffers before each replay, and the outputs are
+    copied out after it, because the next replay reuses them. All graphs share one
+    memory pool: steps run one after another on one stream.
+    """
+
+    def __init__(self, fn: Callable[..., Any], static: Sequence[bool]) -> None:
+        self.fn = fn
+        self.static = tuple(static)
+        self.graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+
+    def _capture(self, args: Sequence[Any]) -> tuple[Any, list[Any], Any]:
+        global _graph_pool
+        if _graph_pool is None:
+            _graph_pool = torch.cuda.graph_pool_handle()
+        inputs = [a if keep or not isinstance(a, torch.Tensor) else a.clone() for a, keep in zip(args, self.static)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: autotuning, lazy init, allocator
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_graph_pool):
+            outputs = self.fn(*inputs)
+        counters["diagpass"]["cuda_graphs"] += 1
+        return graph, inputs, outputs
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(a.data_ptr() if keep and isinstance(a, torch.Tensor) else None for a, keep in zip(args, self.static))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(args)
+        graph, inputs, outputs = entry
+        for buffer, value, keep in zip(inputs, args, self.static):
+            if not keep and isinstance(buffer, torch.Tensor):
+                buffer.copy_(value)
+        graph.replay()
+        counters["diagpass"]["cuda_graph_replays"] += 1
+        return tuple(out.clone() for out in outputs)
+
+
 class StepCompiler:
     """Compiles batched steps, once per distinct (template, batch size, slot kinds)."""
 
@@ -93,6 +142,7 @@ class StepCompiler:
         args: Sequence[Any],
         batch: int,
         config: DiagbatchConfig,
+        static: Sequence[bool] = (),
     ) -> tuple[CompiledStep, bool]:
         """The compiled step for these inputs, and whether it was compiled just now."""
         devices = tuple(sorted({a.device.type for a in args if isinstance(a, torch.Tensor)}))
@@ -100,6 +150,7 @@ class StepCompiler:
             key,
             batch,
             tuple(in_dims),
+            tuple(static),
             devices,
             config.compiler,
             config.cudagraphs,
@@ -115,6 +166,8 @@ class StepCompiler:
             step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
             step = self._inductor(batched, args, batch, config, start)
+        if config.cudagraphs and devices == ("cuda",):
+            step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
         log.info(
             "compiled a step of %d cells (%s) in %.2fs, %d batched GEMMs",
@@ -137,8 +190,6 @@ class StepCompiler:
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
         patches = dict(config.inductor)
-        if config.cudagraphs:
-            patches["triton.cudagraphs"] = True
         example = list(args)
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)

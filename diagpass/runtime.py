@@ -138,7 +138,13 @@ class StepRunner(torch.nn.Module):
                     index = torch.tensor(group.lanes, device=stack.device)
                     args.append(stack.index_select(0, index))
         step, fresh = self.compiler.get(
-            key=plan.key, template=plan.template, in_dims=plan.in_dims, args=args, batch=num_lanes, config=self.config
+            key=plan.key,
+            template=plan.template,
+            in_dims=plan.in_dims,
+            args=args,
+            batch=num_lanes,
+            config=self.config,
+            static=[kind == "by_layer" for kind in plan.slot_kinds],
         )
         if id(step) not in self.used_steps:
             self.used_steps[id(step)] = step
@@ -146,9 +152,6 @@ class StepRunner(torch.nn.Module):
         if fresh:
             self.compile_s += step.compile_s
         outputs = step.fn(*args)
-        if self.config.cudagraphs:
-            # A CUDA-graph replay reuses its output buffers: copy out before the next replay.
-            outputs = tuple(out.clone() for out in outputs)
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
         return tuple(out[lane] for lane in group.cell_lane for out in outputs)
