@@ -1,0 +1,61 @@
+"""Plot latency against input length for every peer from benchmarks/results/*.json.
+
+    python benchmarks/plot_results.py   # writes benchmarks/results/latency_h100.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).parent / "results"
+LABELS = {
+    "full": "(a) full attention (SDPA)",
+    "eager": "(b) sequential ARMT, eager",
+    "layers": "(c) sequential ARMT, per-layer torch.compile",
+    "diagbatch": "(d) diagbatch",
+    "ablation": "(f) diagpass program, sequential schedule",
+    "floor": "(e) FLOP floor at measured peak",
+}
+
+
+def main() -> None:
+    points: dict[str, dict[int, float]] = {}
+    for path in sorted(HERE.glob("h100_run*.json")):
+        data = json.loads(path.read_text())
+        env = data["env"]
+        if env["segment"] != 1024 or env["layers"] != 16:
+            continue  # the main sweep only: Llama-3.2-1B shapes, segment 1024
+        for row in data["rows"]:
+            tokens = row["tokens"]
+            points.setdefault("floor", {})[tokens] = row["floor_s"]
+            for peer in LABELS:
+                if peer in row and isinstance(row[peer], dict):
+                    points.setdefault(peer, {})[tokens] = row[peer]["s"]  # later runs win
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for peer, label in LABELS.items():
+        if peer not in points:
+            continue
+        xs = sorted(points[peer])
+        style = "--" if peer == "floor" else "-o"
+        ax.plot(xs, [points[peer][x] for x in xs], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("prefill latency, s (median of 3)")
+    ax.set_title("ARMT prefill, Llama-3.2-1B shapes, bf16, H100, segment 1024+128")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = HERE / "latency_h100.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
