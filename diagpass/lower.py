@@ -151,6 +151,8 @@ class StepCompiler:
             batch,
             tuple(in_dims),
             tuple(static),
+            # Inductor specialises on the layouts it saw: key on every argument's.
+            tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args),
             devices,
             config.compiler,
             config.cudagraphs,

@@ -128,13 +128,12 @@ def analyze_dependencies(graph: torch.fx.Graph, labels: CellLabels) -> Dependenc
         if src[0] + src[1] < dst[0] + dst[1]:
             continue
         where, code = source_line(via)
-        if src[1] < dst[1]:
-            why = (
-                f"layer {src[0]} of segment {src[1]} feeds layer {dst[0]} of segment {dst[1]}: "
-                f"diagonal {src[0] + src[1]} must finish before diagonal {dst[0] + dst[1]}"
-            )
-        else:
-            why = f"cell {src} feeds cell {dst} on the same or an earlier diagonal"
+        src_diag, dst_diag = src[0] + src[1], dst[0] + dst[1]
+        relation = "the same diagonal" if src_diag == dst_diag else f"a later diagonal ({src_diag} > {dst_diag})"
+        why = (
+            f"layer {src[0]} of segment {src[1]} feeds layer {dst[0]} of segment {dst[1]}, which sits on "
+            f"{relation}: a diagonal step would read it before it exists"
+        )
         analysis.violations.append(Violation(src=src, dst=dst, reason=why, source=where, code=code))
     if analysis.acyclic and dag.number_of_nodes():
         analysis.critical_path = nx.dag_longest_path_length(dag) + 1

@@ -52,7 +52,8 @@ def node_value(node: torch.fx.Node) -> Any:
 
 def _value_signature(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type)
+        # No strides: a step sees its inputs stacked (contiguous), so layouts need not match.
+        return ("T", tuple(value.shape), value.dtype, value.device.type)
     if isinstance(value, (tuple, list)):
         return tuple(_value_signature(v) for v in value)
     if isinstance(value, (int, float, bool, str, type(None))):
@@ -123,7 +124,7 @@ class TemplateAnalysis:
     """Why the cells cannot be batched even though they are uniform (e.g. input mutation)."""
 
 
-def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.fx.Node], list[str]]:
+def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.fx.Node], list[tuple[Any, ...]]]:
     """Canonical form of a cell, its external inputs (first-use order) and per-op texts."""
     local = {node: i for i, node in enumerate(nodes)}
     inputs: dict[torch.fx.Node, int] = {}
@@ -148,13 +149,10 @@ def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.
         return ("obj", repr(arg))
 
     ops: list[tuple[Any, ...]] = []
-    texts: list[str] = []
     for node in nodes:
-        name = _target_name(node)
-        op = (name, canon(node.args), canon(node.kwargs), _value_signature(node_value(node)))
+        op = (_target_name(node), canon(node.args), canon(node.kwargs), _value_signature(node_value(node)))
         ops.append(op)
-        texts.append(name)
-    return tuple(ops), list(inputs), texts
+    return tuple(ops), list(inputs), ops
 
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -183,7 +181,7 @@ def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnal
     forms: dict[tuple[Any, ...], int] = {}
     templates: list[CellTemplate] = []
     bindings: dict[Cell, CellBinding] = {}
-    texts_of: dict[int, list[str]] = {}
+    texts_of: dict[int, list[tuple[Any, ...]]] = {}
     unbatchable: str | None = None
     for cell in cells:
         nodes = labels.cells[cell]
@@ -291,7 +289,7 @@ def _name_roles(templates: list[CellTemplate], num_segments: int) -> None:
 
 
 def _uniformity(
-    templates: list[CellTemplate], labels: CellLabels, texts_of: dict[int, list[str]]
+    templates: list[CellTemplate], labels: CellLabels, texts_of: dict[int, list[tuple[Any, ...]]]
 ) -> tuple[bool, str | None]:
     main = next(t for t in templates if t.role == "steady")
     others = [t for t in templates if t.role == "other"]
@@ -300,10 +298,17 @@ def _uniformity(
     odd = min(others, key=lambda t: (t.exemplar[1], t.exemplar[0]))
     mine, theirs = texts_of[odd.variant], texts_of[main.variant]
     index = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-    if index < len(odd.nodes):
+    if index < min(len(mine), len(theirs)):
         node = odd.nodes[index]
         where, _ = source_line(node)
-        op = f"op {index} ({node.name}: {mine[index].split(':', 1)[1]}) at {where}"
+        name, other = mine[index][0].split(":", 1)[1], theirs[index][0].split(":", 1)[1]
+        if name != other:
+            what = f"{name} where cell {main.exemplar} has {other}"
+        elif mine[index][3] != theirs[index][3]:
+            what = f"{name} with output {mine[index][3]} where cell {main.exemplar} has {theirs[index][3]}"
+        else:
+            what = f"{name} with other arguments or input shapes than in cell {main.exemplar}"
+        op = f"op {index} ({node.name}: {what}) at {where}"
     else:
         op = f"it has {len(mine)} ops where cell {main.exemplar} has {len(theirs)}"
     return False, f"cell {odd.exemplar} differs from the template of cell {main.exemplar}: {op}"
