@@ -50,6 +50,26 @@ def float64_noise(model: torch.nn.Module, *args: Any) -> float:
     return max([max_rel_err(out32, out64)] + [max_rel_err(a, b) for a, b in zip(state32, state64)])
 
 
+def compare_low_precision(
+    model: torch.nn.Module, *args: Any, options: dict[str, Any] | None = None
+) -> tuple[diagpass.CompileRecord, float, float]:
+    """bf16/fp16: diagbatch must be as close to a float32 run as sequential eager is.
+
+    Returns the record, diagbatch's error and eager's error, both against float32.
+    """
+    reference = copy.deepcopy(model).float()
+    with torch.no_grad():
+        expected = logits_of(reference(*args)).clone()
+        eager = logits_of(model(*args)).clone()
+        compiled = torch.compile(model, backend="diagbatch", options=options or {"compiler": "eager"}, dynamic=False)
+        actual = logits_of(compiled(*args))
+    record = diagpass.last_compile()
+    diag_err, eager_err = rel_err(actual, expected), rel_err(eager, expected)
+    assert actual.dtype == eager.dtype
+    assert diag_err <= 2 * eager_err + 1e-3, f"diagbatch {diag_err:.3e} vs eager {eager_err:.3e} (against float32)"
+    return record, diag_err, eager_err
+
+
 def compile_and_compare(
     model: torch.nn.Module,
     *args: Any,

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import diagpass
 from diagpass import models
-from tests.helpers import compile_and_compare, logits_of, max_rel_err, state_of
+from tests.helpers import compare_low_precision, compile_and_compare, logits_of, max_rel_err, state_of
 from tests.reference_style import ReferenceStyleARMT
 
 EAGER_STEPS = {"compiler": "eager"}
@@ -91,6 +91,31 @@ def test_property_reference_style_exact(
         assert record.report.critical_path == layers + segments - 1
     else:
         assert not record.applied and "segment" in record.reason
+
+
+@settings(max_examples=6)
+@given(
+    layers=st.integers(1, 4),
+    segments=st.integers(2, 6),
+    batch=st.integers(1, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    short_last=st.integers(0, 3),
+)
+def test_property_low_precision_within_sequential_noise(
+    layers: int, segments: int, batch: int, dtype: torch.dtype, short_last: int
+) -> None:
+    """bf16/fp16: diagbatch is as close to float32 as sequential eager in the same dtype."""
+    torch._dynamo.reset()
+    model = ReferenceStyleARMT(layers=layers, width=16, segment_size=8).to(dtype)
+    record, diag_err, eager_err = compare_low_precision(model, _ids(batch, segments * 8 - short_last))
+    _assert_diagonal(record, layers=layers, segments=segments)
+
+
+def test_zoo_armt_bf16_within_sequential_noise() -> None:
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8, dtype=torch.bfloat16)
+    record, diag_err, eager_err = compare_low_precision(model, _ids(2, 64, vocab=model.config.vocab_size))
+    _assert_diagonal(record, layers=len(model.layers), segments=4)
+    assert eager_err > 0  # bf16 really differs from float32: the check is not vacuous
 
 
 def test_reference_style_sequential_ablation_exact() -> None:
