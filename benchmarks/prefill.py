@@ -73,13 +73,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     config = {
         "llama-1b": models.llama_3_2_1b_config,
         "llama-3b": models.llama_3_2_3b_config,
-        "tiny": lambda: models.tiny_llama_config(num_hidden_layers=4),
+        "tiny": lambda: models.tiny_llama_config(num_hidden_layers=2),
     }["tiny" if tiny else args.config]()
     return {
         "tiny": tiny,
         "config": config,
         "dtype": getattr(torch, args.dtype or ("float32" if tiny else "bfloat16")),
-        "lengths": [int(x) for x in (args.lengths or ("64,160" if tiny else "4096,16384,32768,65536,131072")).split(",")],
+        "lengths": [int(x) for x in (args.lengths or ("48,96" if tiny else "4096,16384,32768,65536,131072")).split(",")],
         "segment": args.segment or (16 if tiny else 1024),
         "mem": args.mem or (4 if tiny else 128),
         "d_mem": args.d_mem or (8 if tiny else 64),
