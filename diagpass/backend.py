@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from diagpass.capture import trace_clock
 from diagpass.config import DiagbatchConfig, parse_options
-from diagpass.errors import StructureError
+from diagpass.errors import DiagpassError, StructureError
 from diagpass.lower import StepCompiler
 from diagpass.report import DependencyReport, analyze_graph
 from diagpass.runtime import DiagonalProgram, build_program
@@ -155,6 +155,19 @@ def _fallback(gm: torch.fx.GraphModule, example_inputs: list[Any], record: Compi
     return compiled
 
 
+def _internal_error(
+    gm: torch.fx.GraphModule, example_inputs: list[Any], record: CompileRecord, stage: str, error: Exception
+) -> Any:
+    """Fall back (or raise, under strict) when diagpass itself fails at ``stage``."""
+    record.applied = False
+    record.reason = f"diagpass failed during the {stage}: {type(error).__name__}: {error}"
+    counters["diagpass"]["internal_errors"] += 1
+    log.error("diagbatch: %s", record.reason, exc_info=error)
+    if record.config.strict:
+        raise DiagpassError(f"diagbatch (strict): {record.reason}") from error
+    return _fallback(gm, example_inputs, record)
+
+
 def diagbatch(
     gm: torch.fx.GraphModule,
     example_inputs: list[Any],
@@ -180,7 +193,10 @@ def diagbatch(
         )
         return _fallback(gm, example_inputs, record)
 
-    analysis = analyze_graph(gm)
+    try:
+        analysis = analyze_graph(gm)
+    except Exception as error:  # a bug of ours must not break the user's compile
+        return _internal_error(gm, example_inputs, record, "analysis", error)
     report = analysis.report
     record.report = report
     record.times.analysis_s = report.analysis_s
@@ -204,9 +220,12 @@ def diagbatch(
     schedule = report.schedule if config.schedule == "diagonal" else [[c] for step in report.schedule for c in step]
     if config.schedule == "sequential":
         schedule = sorted(schedule, key=lambda step: (step[0][1], step[0][0]))
-    program = build_program(
-        gm=gm, labels=analysis.labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler
-    )
+    try:
+        program = build_program(
+            gm=gm, labels=analysis.labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler
+        )
+    except Exception as error:
+        return _internal_error(gm, example_inputs, record, "rewrite", error)
     record.times.rewrite_s = time.perf_counter() - start
     record.program_ref = weakref.ref(program)
     record.applied = True
@@ -223,10 +242,22 @@ def diagbatch(
         record.times.rewrite_s,
     )
 
+    fallback: list[Any] = []  # set if the first run fails (e.g. an op vmap cannot batch)
+
     def run(*args: Any) -> Any:
+        if fallback:
+            return fallback[0](*args)
         before = program.runner.compile_s
-        with torch.no_grad():
-            result = program(*args)
+        try:
+            with torch.no_grad():
+                result = program(*args)
+        except Exception as error:
+            if record.step_compiles or config.strict:
+                raise  # it ran before, or the user asked for errors: do not hide it
+            # The program is functional (state is written back by Dynamo after it returns),
+            # so a failed first run can be redone by the plain graph.
+            fallback.append(_internal_error(gm, example_inputs, record, "first run of the steps", error))
+            return fallback[0](*args)
         record.times.inductor_s += program.runner.compile_s - before
         record.step_compiles = len(program.runner.used_steps)
         record.batched_gemms = program.runner.batched_gemms

@@ -299,3 +299,50 @@ def test_inductor_zoo_armt_exact() -> None:
     )
     _assert_diagonal(record, layers=len(model.layers), segments=4)
     assert record.batched_gemms > 0
+
+
+class _Unbatchable(torch.nn.Module):
+    """A small stateful layer: its per-layer state is the mean of its last output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.state: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if self.state is not None:
+            y = y + self.state
+        self.state = y.mean(dim=1, keepdim=True)
+        return y
+
+
+class _UnbatchableModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Unbatchable() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            layer.state = None
+        outs = []
+        for start in range(0, x.shape[1], 4):
+            h = x[:, start : start + 4]
+            for layer in self.layers:
+                h = layer(h)
+            outs.append(h)
+        return torch.cat(outs, dim=1)
+
+
+def test_failing_first_run_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the steps fail on their first run, the plain graph answers, and the record says why."""
+    from diagpass import lower
+
+    def broken(*_: object, **__: object) -> object:
+        raise RuntimeError("vmap: no batching rule (simulated)")
+
+    monkeypatch.setattr(lower, "batched_template", broken)
+    model = _UnbatchableModel()
+    record = compile_and_compare(model, torch.randn(2, 12, 8))
+    assert not record.applied and "first run of the steps" in record.reason and "simulated" in record.reason
+    assert counters["diagpass"]["internal_errors"] == 1
