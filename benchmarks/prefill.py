@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-lm-head", action="store_true", help="keep the LM head (default: Identity, as DESIGN §3)")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--check", action="store_true", help="bf16 error of diagbatch vs eager, next to SDPA-vs-math noise")
+    p.add_argument(
+        "--sdpa",
+        default="default",
+        choices=["default", "flash", "cudnn", "efficient"],
+        help="SDPA kernel for diagbatch's steps (chosen when the steps are traced, on the first call)",
+    )
     p.add_argument("--profile", action="store_true", help="profile one diagbatch run: GEMM / attention / other split")
     return p.parse_args(argv)
 
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": peak,
         "diagbatch_options": options,
         "mode": args.mode,
+        "sdpa": args.sdpa,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     try:
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     dynamic=False,
                     **({"mode": args.mode} if args.mode and schedule == "diagonal" else {"options": {**options, "schedule": schedule}}),
                 )
-                measure(name, lambda: compiled(ids), compile_fn=lambda: compiled(ids))
+                with sdpa_context(args.sdpa):
+                    measure(name, lambda: compiled(ids), compile_fn=lambda: compiled(ids))
                 record = diagpass.last_compile()
                 result[name].update(
                     applied=record.applied,
@@ -286,6 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
+
+
+def sdpa_context(choice: str) -> Any:
+    """``sdpa_kernel`` for one backend, or a no-op for ``default``."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    return contextlib.nullcontext() if choice == "default" else sdpa_kernel([backends[choice]])
 
 
 def profile_split(fn: Callable[[], Any]) -> dict[str, Any]:
