@@ -292,30 +292,27 @@ def build_program(
     outside = [n for n in nodes if n.op not in ("placeholder", "output") and n not in cell_of]
     outside.sort(key=lambda n: time_of[n])  # stable: graph order within a time
 
-    stacks = WeightStacks([])
+    # The stacks' members, each graph input once; a stack's layout indexes into them.
+    member_nodes: list[torch.fx.Node] = []
+    member_pos: dict[torch.fx.Node, int] = {}
+    layouts: list[list[int]] = []
+    for members in stack_members:
+        for m in members:
+            if m not in member_pos:
+                member_pos[m] = len(member_nodes)
+                member_nodes.append(m)
+        layouts.append([member_pos[m] for m in members])
+
+    stacks = WeightStacks(layouts)
     runner = StepRunner(groups, plans, compiler, config)
     root = torch.nn.Module()
     root.add_module("stacks", stacks)
     root.add_module("steps", runner)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    for node in placeholders:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    member_nodes: list[torch.fx.Node] = []
-    member_pos: dict[torch.fx.Node, int] = {}
-    layouts: list[list[int]] = []
-    for members in stack_members:
-        layout = []
-        for m in members:
-            if m not in member_pos:
-                member_pos[m] = len(member_nodes)
-                member_nodes.append(m)
-            layout.append(member_pos[m])
-        layouts.append(layout)
-    stacks.layouts = layouts
-    stacks._stamps = [None] * len(layouts)
-    stacks._stacks = [None] * len(layouts)
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
     stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
 
     def emit_step(step_index: int) -> None:
