@@ -259,7 +259,8 @@ def build_program(
             contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
             group = StepGroup(step=step_index, variant=variant, cells=cells, contiguous=contiguous)
             if contiguous:
-                lanes_n = _pad(len(cells), len(plan.layers), config.pad)
+                # A diagonal never holds more than min(L, S) cells: pad no further.
+                lanes_n = _pad(len(cells), min(len(plan.layers), labels.num_segments), config.pad)
                 first = min(positions[0], len(plan.layers) - lanes_n)
                 group.lanes = list(range(first, first + lanes_n))
                 group.cell_lane = [p - first for p in positions]

@@ -346,3 +346,9 @@ def test_failing_first_run_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     record = compile_and_compare(model, torch.randn(2, 12, 8))
     assert not record.applied and "first run of the steps" in record.reason and "simulated" in record.reason
     assert counters["diagpass"]["internal_errors"] == 1
+
+
+def test_pad_max_is_min_of_layers_and_segments() -> None:
+    model = ReferenceStyleARMT(layers=5, segment_size=4)
+    record = compile_and_compare(model, _ids(1, 10), options={"compiler": "eager", "pad": "max"})  # S=3 < L=5
+    assert {len(g.lanes) for g in record.program.groups} == {3}
