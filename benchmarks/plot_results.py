@@ -26,7 +26,7 @@ LABELS = {
 
 def main() -> None:
     points: dict[str, dict[int, float]] = {}
-    for path in sorted(HERE.glob("h100_run*.json")):
+    for path in sorted(HERE.glob("h100_run[1-4]_*.json")):  # the main sweep (RESULTS.md table)
         data = json.loads(path.read_text())
         env = data["env"]
         if env["segment"] != 1024 or env["layers"] != 16:
