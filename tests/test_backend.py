@@ -352,3 +352,20 @@ def test_pad_max_is_min_of_layers_and_segments() -> None:
     model = ReferenceStyleARMT(layers=5, segment_size=4)
     record = compile_and_compare(model, _ids(1, 10), options={"compiler": "eager", "pad": "max"})  # S=3 < L=5
     assert {len(g.lanes) for g in record.program.groups} == {3}
+
+
+def test_new_length_compiles_no_new_step() -> None:
+    """A new segment count retraces (Dynamo), but Inductor compiles nothing new: the steps are
+    cached by template, batch and layout."""
+    model = ReferenceStyleARMT(layers=3, segment_size=8)
+    compiled = torch.compile(model, backend="diagbatch", options={"compiler": "eager", "pad": "max"}, dynamic=False)
+    with torch.no_grad():
+        compiled(_ids(1, 40))  # S=5
+        compiles = counters["diagpass"]["step_compiles"]
+        hits = counters["diagpass"]["step_cache_hits"]
+        expected = model(_ids(1, 64)).clone()
+        actual = compiled(_ids(1, 64))  # S=8: a new graph, the same step shapes
+    assert diagpass.last_compile().num_segments == 8
+    assert counters["diagpass"]["step_compiles"] == compiles
+    assert counters["diagpass"]["step_cache_hits"] > hits
+    assert max_rel_err(actual, expected) < 1e-5
