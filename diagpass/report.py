@@ -141,7 +141,10 @@ def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
     if labels.container is None:
         reason = "no segment-recurrent structure: no indexed layer list (e.g. model.layers.<i>) runs in the forward"
     elif S < 2:
-        reason = f"no segment recurrence: each of the {L} layers of {labels.container} runs once (a single segment)"
+        reason = (
+            f"no segment recurrence: each of the {L} layers of {labels.container} runs once (a single "
+            "segment, or a graph break inside the segment loop: diagpass.analyze() reports breaks)"
+        )
     elif labels.problems:
         reason = "; ".join(labels.problems)
     elif not deps.acyclic:
