@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--layers-scope",
+        default="decoder",
+        choices=["decoder", "wrapper"],
+        help="what the per-layer peer compiles: the HF decoder layer, or the whole ARMT layer wrapper (memory ops too)",
+    )
     p.add_argument("--model-max-len", type=int, default=4096, help="longest input for the whole-model compile peer")
     p.add_argument("--options", default="{}", help="JSON options for diagbatch")
     p.add_argument("--mode", default=None, help="torch.compile mode for diagbatch")
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "diagbatch_options": options,
         "mode": args.mode,
         "sdpa": args.sdpa,
+        "layers_scope": args.layers_scope,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     try:
@@ -285,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                     backend = "inductor" if s["compiler"] == "inductor" else "eager"
                     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
                     for wrapper in layer_compiled.layers:
-                        wrapper.layer.compile(backend=backend, dynamic=False)
+                        target = wrapper.layer if args.layers_scope == "decoder" else wrapper
+                        target.compile(backend=backend, dynamic=False)
                 torch._dynamo.reset()
                 measure("layers", lambda: layer_compiled(ids), compile_fn=lambda: layer_compiled(ids))
         rows.append(result)
