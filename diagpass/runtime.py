@@ -109,6 +109,7 @@ class StepRunner(torch.nn.Module):
         self.compile_s = 0.0
         self.batched_gemms = 0
         self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
+        self._resolved: dict[int, Any] = {}  # group id -> its CompiledStep
 
     def forward(self, group_id: int, stacks: list[torch.Tensor], *inputs: Any) -> tuple[torch.Tensor, ...]:
         group = self.groups[group_id]
@@ -137,20 +138,23 @@ class StepRunner(torch.nn.Module):
                 else:
                     index = torch.tensor(group.lanes, device=stack.device)
                     args.append(stack.index_select(0, index))
-        step, fresh = self.compiler.get(
-            key=plan.key,
-            template=plan.template,
-            in_dims=plan.in_dims,
-            args=args,
-            batch=num_lanes,
-            config=self.config,
-            static=[kind == "by_layer" for kind in plan.slot_kinds],
-        )
-        if id(step) not in self.used_steps:
-            self.used_steps[id(step)] = step
-            self.batched_gemms += step.batched_gemms
-        if fresh:
-            self.compile_s += step.compile_s
+        step = self._resolved.get(group_id)
+        if step is None:  # a group's argument layouts never change: look its step up once
+            step, fresh = self.compiler.get(
+                key=plan.key,
+                template=plan.template,
+                in_dims=plan.in_dims,
+                args=args,
+                batch=num_lanes,
+                config=self.config,
+                static=[kind == "by_layer" for kind in plan.slot_kinds],
+            )
+            self._resolved[group_id] = step
+            if id(step) not in self.used_steps:
+                self.used_steps[id(step)] = step
+                self.batched_gemms += step.batched_gemms
+            if fresh:
+                self.compile_s += step.compile_s
         outputs = step.fn(*args)
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
