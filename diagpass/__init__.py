@@ -3,7 +3,8 @@ kin) with diagonal batching.
 
     compiled = torch.compile(model, backend="diagbatch")
 
-See ``diagpass.analyze`` for the dependency check on its own, and
+``diagpass.compile(model, probe)`` proves the structure on a short probe and returns a
+module that runs any input length without tracing again. See ``diagpass.analyze`` for the dependency check on its own, and
 ``diagpass.last_compile()`` for what the backend did.
 """
 
@@ -12,6 +13,7 @@ from diagpass.logs import configure_from_env as _configure_logging, set_log_leve
 _configure_logging()  # DIAGPASS_LOG=info|debug|warning: see diagpass/logs.py
 
 from diagpass.analyze import analyze
+from diagpass.anylength import AnyLengthModel, GeneralisationError, RerollReport, compile
 from diagpass.backend import CompileRecord, compile_history, last_compile
 from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
@@ -21,6 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "analyze",
+    "compile",
+    "AnyLengthModel",
+    "RerollReport",
+    "GeneralisationError",
     "last_compile",
     "compile_history",
     "CompileRecord",

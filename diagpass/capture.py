@@ -31,6 +31,11 @@ class Capture:
     whole frame: then only nested calls are captured, or nothing)."""
     codes: list[Any] = field(default_factory=list)
     """Code objects Dynamo saw for the first time during this capture (see :func:`forget`)."""
+    returned: Any = None
+    """What the forward returned (through Dynamo's bytecode)."""
+    outputs: list[tuple[Any, ...]] = field(default_factory=list)
+    """Per call of a graph, the tuple it returned: the forward's results and the state Dynamo
+    wrote back are these very objects, which is how :mod:`diagpass.anylength` maps them."""
 
     @property
     def has_breaks(self) -> bool:
@@ -106,7 +111,13 @@ def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[st
         if elapsed is not None:
             result.trace_s += elapsed
         result.graphs.append((gm, list(example_inputs)))
-        return gm.forward
+
+        def run(*args: Any) -> Any:
+            out = gm.forward(*args)
+            result.outputs.append(tuple(out) if isinstance(out, (tuple, list)) else (out,))
+            return out
+
+        return run
 
     counters = torch._dynamo.utils.counters
     breaks_before = dict(counters["graph_break"])
@@ -117,7 +128,7 @@ def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[st
     with torch._dynamo.config.patch(recompile_limit=10_000, automatic_dynamic_shapes=False):
         start = time.perf_counter()
         try:
-            compiled(*args, **kwargs)
+            result.returned = compiled(*args, **kwargs)
         finally:
             result.codes = [code for code in (ref() for ref in _seen_codes()[codes_before:]) if code is not None]
         total = time.perf_counter() - start

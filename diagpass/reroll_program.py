@@ -1,0 +1,571 @@
+"""The rerolled program: one proven segment template, run for any number of segments.
+
+Built once from the exemplar probe and a :class:`~diagpass.passes.reroll.RerollPlan`:
+
+* ``pre``: a ``GraphModule`` for what runs before the loop;
+* per unit form (the first segment, every later one): the nodes outside the layers as
+  small ``GraphModule`` *chunks*, one per phase (before layer 0, between layers l and l+1,
+  after the last layer), whose int literals are computed from ``s`` and ``n``; and the
+  cells, whose slots read the unit, the previous unit's state or the inputs;
+* ``post``: a ``GraphModule`` for what reads several segments (the ``cat`` of logits).
+
+:meth:`RerolledProgram.run` loops over the diagonals: at even times the chunks, at odd
+times one batched step per template variant (first segment, steady, short last segment)
+through the same :class:`~diagpass.runtime.StepRunner` and compiled-step cache as the
+``diagbatch`` backend. Values are dropped after their last reader, so nothing grows with
+the number of segments but the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from diagpass.config import DiagbatchConfig
+from diagpass.lower import StepCompiler, use_batched_attention
+from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
+from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
+from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _pad, _VariantPlan
+
+log = logging.getLogger("diagpass.reroll")
+
+__all__ = ["RerolledProgram", "RunStats"]
+
+Ref = tuple[Any, ...]
+_LAYOUT_CACHE = 16
+
+
+@dataclass(kw_only=True)
+class _Chunk:
+    module: torch.fx.GraphModule
+    ext: list[Ref]
+    """Refs of the module's inputs after ``s`` and ``n``."""
+    outputs: list[int]
+    """Unit positions the module returns."""
+
+
+@dataclass(kw_only=True)
+class _Form:
+    """One unit form: its chunks by phase, its cells by layer, when its values die."""
+
+    name: str
+    chunks: dict[int, _Chunk]
+    cell_inputs: list[list[Ref]]
+    """Per layer, the ref of each template input slot."""
+    cell_outputs: list[list[int]]
+    """Per layer, the unit positions of the template outputs."""
+    frees: dict[int, list[int]]
+    """Phase -> positions whose last reader ran at that phase."""
+    collect: dict[int, list[int]]
+    """Position -> indices of the per-segment lists (``ALL`` refs) it goes into."""
+
+
+@dataclass(kw_only=True)
+class RunStats:
+    """One run of the rerolled program."""
+
+    segments: int
+    last_length: int
+    steps: int
+    batched_calls: int
+    compile_s: float
+    """Inductor time spent in this run (new step shapes only)."""
+
+
+@dataclass(kw_only=True)
+class _Layout:
+    groups: list[StepGroup]
+    by_step: list[list[int]]
+    runner: StepRunner
+
+
+class RerolledProgram:
+    """Runs the proven template for any ``(S, n)``. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        plan: RerollPlan,
+        gm: torch.fx.GraphModule,
+        labels: CellLabels,
+        templates: TemplateAnalysis,
+        keys: dict[torch.fx.Node, Hashable],
+        config: DiagbatchConfig,
+        compiler: StepCompiler,
+    ) -> None:
+        self.plan = plan
+        self.gm = gm
+        self.config = config
+        self.compiler = compiler
+        self.num_layers = plan.num_layers
+        self.segment_size = plan.segment_size
+        split = plan.split
+        self._keys = keys
+        self._collect_refs: list[tuple[int, int]] = []  # (p0, p) per ALL list
+        for refs in plan.post_refs + [plan.output_refs]:
+            for ref in refs:
+                if ref[0] == "ALL" and (ref[1], ref[2]) not in self._collect_refs:
+                    self._collect_refs.append((ref[1], ref[2]))
+        self._last_needed = {r[1] for refs in plan.post_refs + [plan.output_refs] for r in refs if r[0] == "LAST"}
+
+        # Variants: the steady template (every unit after the first), the first segment's.
+        steady_t = next(t for t in templates.templates if t.role == "steady")
+        first_cells = [(layer, 0) for layer in range(self.num_layers)]
+        first_t = templates.templates[templates.bindings[first_cells[0]].variant]
+        if any(templates.bindings[c].variant != first_t.variant for c in first_cells):
+            raise RerollError("the layers of the first segment do not share one template")
+        if any(templates.bindings[(layer, 1)].variant != steady_t.variant for layer in range(self.num_layers)):
+            raise RerollError("the layers of the second segment do not share the steady template")
+        self._steady_template = steady_t
+        self._bindings = templates.bindings
+
+        # Weight stacks: one per by_layer slot, members keyed by graph input.
+        self._stack_members: list[list[Hashable]] = []
+        self._plans: dict[str, _VariantPlan] = {}
+        for name, template in (("steady", steady_t), ("first", first_t)):
+            module = build_template_module(template, templates.bindings, gm)
+            use_batched_attention(module)
+            self._plans[name] = self._variant_plan(template.key, module, template.slot_kinds, template.cells)
+        self._member_keys = [k for members in self._stack_members for k in members]
+        offset = 0
+        layouts = []
+        for members in self._stack_members:
+            layouts.append(list(range(offset, offset + len(members))))
+            offset += len(members)
+        self.stacks = WeightStacks(layouts)
+
+        self._forms = {
+            "first": self._build_form("first", plan.first, 0, [c for c in first_cells], literals=plan.first.literals),
+            "steady": self._build_form(
+                "steady", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits
+            ),
+        }
+        self._pre = self._build_outer("pre")
+        self._post = self._build_outer("post")
+        self._layouts: OrderedDict[tuple[int, int], _Layout] = OrderedDict()
+        self._tail_plans: dict[int, _VariantPlan] = {}
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _variant_plan(
+        self, key: str, module: torch.fx.GraphModule, slot_kinds: list[Any], cells: list[tuple[int, int]]
+    ) -> _VariantPlan:
+        stack_ids: dict[int, int] = {}
+        first_of_layer: dict[int, tuple[int, int]] = {}
+        for cell in cells:
+            first_of_layer.setdefault(cell[0], cell)
+        for slot, kind in enumerate(slot_kinds):
+            if kind != "by_layer":
+                continue
+            members = [self._keys[self._bindings[first_of_layer[l]].inputs[slot]] for l in range(self.num_layers)]
+            if members not in self._stack_members:
+                self._stack_members.append(members)
+            stack_ids[slot] = self._stack_members.index(members)
+        return _VariantPlan(
+            template=module,
+            key=key,
+            slot_kinds=list(slot_kinds),
+            in_dims=[None if k == "shared" else 0 for k in slot_kinds],
+            layers=list(range(self.num_layers)),
+            stack_ids=stack_ids,
+        )
+
+    def _to_ref(self, node: torch.fx.Node, segment: int, form: UnitForm) -> Ref:
+        split = self.plan.split
+        if node.op == "placeholder":
+            return ("G", self._keys[node])
+        if node in split.pre_index:
+            return ("PRE", split.pre_index[node])
+        unit = split.unit_of.get(node)
+        if unit == segment:
+            return ("L", split.position[node])
+        if unit == segment - 1 and node in form.prev_reads:
+            return ("P", form.prev_reads.index(node))
+        raise RerollError(f"cell input {node.name} comes from neither its segment, the one before, nor the inputs")
+
+    def _build_form(
+        self,
+        name: str,
+        form: UnitForm,
+        segment: int,
+        cells: list[tuple[int, int]],
+        *,
+        literals: list[int] | None = None,
+        fits: list[Fit] | None = None,
+    ) -> _Form:
+        split = self.plan.split
+        nodes = split.units[segment]
+        cell_layer: list[int | None] = [op[4] for op in form.form]
+        # Phase of each position: a cell of layer l at 2l+1, other nodes at the even time after their inputs.
+        phase: list[int] = []
+        for pos, refs in enumerate(form.refs):
+            layer = cell_layer[pos]
+            if layer is not None:
+                phase.append(2 * layer + 1)
+                continue
+            p = max((phase[r[1]] for r in refs if r[0] == "L"), default=0)
+            phase.append(p + (p % 2))
+        cell_inputs: list[list[Ref]] = []
+        cell_outputs: list[list[int]] = []
+        for layer, cell in enumerate(cells):
+            binding = self._bindings[cell]
+            refs = [self._to_ref(n, segment, form) for n in binding.inputs]
+            for ref in refs:
+                if ref[0] == "L" and phase[ref[1]] >= 2 * layer + 1:
+                    raise RerollError(
+                        f"layer {layer} of segment {segment} reads {nodes[ref[1]].name}, which needs a later layer"
+                    )
+            cell_inputs.append(refs)
+            cell_outputs.append([split.position[n] for n in binding.outputs])
+
+        # Readers of each position: own unit (at their phase), next unit (its cells), post.
+        last_read: dict[int, int] = {}
+        for pos, refs in enumerate(form.refs):
+            for ref in refs:
+                if ref[0] == "L":
+                    last_read[ref[1]] = max(last_read.get(ref[1], -1), phase[pos])
+        steady = self.plan.steady
+        exports = self.plan.exports[name]
+        for pos, refs in enumerate(steady.refs):  # the next unit is always a steady one
+            for ref in refs:
+                if ref[0] == "P":
+                    mine = exports[ref[1]]
+                    last_read[mine] = max(last_read.get(mine, -1), phase_of_next(steady, pos) + 2)
+        collect: dict[int, list[int]] = {}
+        for index, (p0, p) in enumerate(self._collect_refs):
+            collect.setdefault(p0 if name == "first" else p, []).append(index)
+        frees: dict[int, list[int]] = {}
+        for pos in range(len(nodes)):
+            when = max(last_read.get(pos, -1), phase[pos])
+            frees.setdefault(when, []).append(pos)
+
+        # Chunks: the nodes outside the layers, grouped by phase.
+        by_phase: dict[int, list[int]] = {}
+        for pos, layer in enumerate(cell_layer):
+            if layer is None:
+                by_phase.setdefault(phase[pos], []).append(pos)
+        needed_outside = set(last_read) | set(collect) | (self._last_needed if name == "steady" else set())
+        chunks = {
+            ph: self._build_chunk(nodes, form, positions, phase, needed_outside, literals=literals, fits=fits)
+            for ph, positions in by_phase.items()
+        }
+        return _Form(
+            name=name, chunks=chunks, cell_inputs=cell_inputs, cell_outputs=cell_outputs, frees=frees, collect=collect
+        )
+
+    def _build_chunk(
+        self,
+        nodes: list[torch.fx.Node],
+        form: UnitForm,
+        positions: list[int],
+        phase: list[int],
+        needed_outside: set[int],
+        *,
+        literals: list[int] | None,
+        fits: list[Fit] | None,
+    ) -> _Chunk:
+        graph = torch.fx.Graph()
+        s_node, n_node = graph.placeholder("s"), graph.placeholder("n")
+        ext: list[Ref] = []
+        ext_nodes: dict[Ref, torch.fx.Node] = {}
+        env: dict[int, torch.fx.Node] = {}
+        exprs: dict[int, Any] = {}
+        mine = set(positions)
+
+        def hole(slot: int) -> Any:
+            if literals is not None:
+                return literals[slot]
+            assert fits is not None
+            fit = fits[slot]
+            if fit.constant:
+                return fit.a
+            if slot not in exprs:
+                value: Any = fit.a
+                if fit.b:
+                    term = graph.call_function(operator.mul, (s_node, fit.b))
+                    value = graph.call_function(operator.add, (value, term)) if value else term
+                if fit.c:
+                    term = graph.call_function(operator.mul, (n_node, fit.c))
+                    value = graph.call_function(operator.add, (value, term)) if not isinstance(value, int) or value else term
+                exprs[slot] = value
+            return exprs[slot]
+
+        for pos in positions:
+            node = nodes[pos]
+            refs = iter(form.refs[pos])
+            slots = iter(form.slots_of[pos])
+
+            def on_node(arg: torch.fx.Node, refs: Any = refs) -> torch.fx.Node:
+                ref = next(refs)
+                if ref[0] == "L" and ref[1] in mine:
+                    return env[ref[1]]
+                if ref not in ext_nodes:
+                    ext_nodes[ref] = graph.placeholder(f"in{len(ext)}_{arg.name}")
+                    ext.append(ref)
+                return ext_nodes[ref]
+
+            def on_int(_: int, slots: Any = slots) -> Any:
+                return hole(next(slots))
+
+            args = walk_arg(node.args, on_node, on_int)
+            kwargs = walk_arg(node.kwargs, on_node, on_int)
+            new = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+            new.meta = dict(node.meta)
+            env[pos] = new
+        outputs = [p for p in positions if p in needed_outside]
+        graph.output(tuple(env[p] for p in outputs))
+        module = torch.fx.GraphModule(self.gm, graph, class_name="SegmentChunk")
+        return _Chunk(module=module, ext=ext, outputs=outputs)
+
+    def _build_outer(self, which: str) -> tuple[torch.fx.GraphModule, list[Ref]]:
+        """``pre`` (inputs -> every pre value) or ``post`` (refs -> the graph's outputs)."""
+        split = self.plan.split
+        graph = torch.fx.Graph()
+        ext: list[Ref] = []
+        ext_nodes: dict[Ref, torch.fx.Node] = {}
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+        def external(ref: Ref, name: str) -> torch.fx.Node:
+            if ref not in ext_nodes:
+                ext_nodes[ref] = graph.placeholder(f"in{len(ext)}_{name}")
+                ext.append(ref)
+            return ext_nodes[ref]
+
+        def on_node(arg: torch.fx.Node) -> torch.fx.Node:
+            if arg in env:
+                return env[arg]
+            if arg.op == "placeholder":
+                return external(("G", self._keys[arg]), arg.name)
+            if arg in split.pre_index:
+                return external(("PRE", split.pre_index[arg]), arg.name)
+            if arg in split.unit_of:
+                return external(("LAST", split.position[arg]), arg.name)
+            raise RerollError(f"{arg.name} is read where it is not computed yet")
+
+        def post_arg(arg: Any) -> Any:
+            if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, torch.fx.Node) and a in split.unit_of for a in arg):
+                units = [split.unit_of[a] for a in arg]
+                if units == list(range(len(split.units))):
+                    p0, p = split.position[arg[0]], split.position[arg[1]]
+                    return external(("ALL", p0, p), arg[1].name + "_all")
+            if isinstance(arg, torch.fx.Node):
+                return on_node(arg)
+            if isinstance(arg, (list, tuple)) and not isinstance(arg, torch.Size):
+                items = [post_arg(a) for a in arg]
+                return items if isinstance(arg, list) else tuple(items)
+            if isinstance(arg, dict):
+                return {k: post_arg(v) for k, v in arg.items()}
+            if isinstance(arg, slice):
+                return slice(post_arg(arg.start), post_arg(arg.stop), post_arg(arg.step))
+            return arg
+
+        if which == "pre":
+            for node in split.pre:
+                new = graph.create_node(node.op, node.target, post_arg(node.args), post_arg(node.kwargs), name=node.name)
+                new.meta = dict(node.meta)
+                env[node] = new
+            graph.output(tuple(env[n] for n in split.pre))
+        else:
+            for node in split.post:
+                new = graph.create_node(node.op, node.target, post_arg(node.args), post_arg(node.kwargs), name=node.name)
+                new.meta = dict(node.meta)
+                env[node] = new
+            assert split.output is not None
+            graph.output(post_arg(split.output.args[0]))
+        return torch.fx.GraphModule(self.gm, graph, class_name=f"Rerolled{which.title()}"), ext
+
+    def _tail_plan(self, n: int) -> _VariantPlan:
+        """The steady template with its int literals at segment length ``n``."""
+        plan = self._tail_plans.get(n)
+        if plan is not None:
+            return plan
+        template = self._steady_template
+        split = self.plan.split
+        steady = self.plan.steady
+        binding = self._bindings[template.exemplar]
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for slot, node in enumerate(binding.inputs):
+            placeholder = graph.placeholder(f"slot{slot}_{node.name}")
+            placeholder.meta = dict(node.meta)
+            env[node] = placeholder
+        if template.exemplar[1] != 1:
+            raise RerollError("the steady template's exemplar is not in segment 1")
+        for node in template.nodes:
+            slots = iter(steady.slots_of[split.position[node]])
+            values = self.plan.fits
+            args = walk_arg(node.args, lambda a: env[a], lambda _, it=slots: values[next(it)](1, n))
+            kwargs = walk_arg(node.kwargs, lambda a: env[a], lambda _, it=slots: values[next(it)](1, n))
+            new = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+            new.meta = dict(node.meta)
+            env[node] = new
+        graph.output(tuple(env[template.nodes[i]] for i in template.output_locals))
+        module = torch.fx.GraphModule(self.gm, graph, class_name="CellTemplateTail")
+        use_batched_attention(module)
+        base = self._plans["steady"]
+        plan = _VariantPlan(
+            template=module,
+            key=f"{template.key}|n={n}",
+            slot_kinds=base.slot_kinds,
+            in_dims=base.in_dims,
+            layers=base.layers,
+            stack_ids=base.stack_ids,
+        )
+        self._tail_plans[n] = plan
+        return plan
+
+    def _layout(self, segments: int, last: int) -> _Layout:
+        key = (segments, last)
+        layout = self._layouts.get(key)
+        if layout is not None:
+            self._layouts.move_to_end(key)
+            return layout
+        short = last != self.segment_size
+        plans = [self._plans["steady"], self._plans["first"]] + ([self._tail_plan(last)] if short else [])
+        groups: list[StepGroup] = []
+        by_step: list[list[int]] = []
+        L = self.num_layers
+        for d in range(segments + L - 1):
+            by_variant: dict[int, list[tuple[int, int]]] = {}
+            for layer in range(max(0, d - segments + 1), min(L - 1, d) + 1):
+                s = d - layer
+                variant = 1 if s == 0 else (2 if short and s == segments - 1 else 0)
+                by_variant.setdefault(variant, []).append((layer, s))
+            ids = []
+            for variant, cells in sorted(by_variant.items()):
+                positions = [layer for layer, _ in cells]
+                group = StepGroup(step=d, variant=variant, cells=cells)
+                lanes_n = _pad(len(cells), min(L, segments), self.config.pad)
+                first = min(positions[0], L - lanes_n)
+                group.lanes = list(range(first, first + lanes_n))
+                group.cell_lane = [p - first for p in positions]
+                ids.append(len(groups))
+                groups.append(group)
+            by_step.append(ids)
+        layout = _Layout(groups=groups, by_step=by_step, runner=StepRunner(groups, plans, self.compiler, self.config))
+        self._layouts[key] = layout
+        while len(self._layouts) > _LAYOUT_CACHE:
+            self._layouts.popitem(last=False)
+        return layout
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, inputs: dict[Hashable, Any], segments: int, last: int) -> tuple[tuple[Any, ...], RunStats]:
+        """The graph's outputs for ``segments`` segments, the last of length ``last``."""
+        if segments < 2:
+            raise RerollError("the rerolled program needs at least 2 segments")
+        if last != self.segment_size and not self.plan.short_tail:
+            raise RerollError("a short last segment was not proven for this model")
+        layout = self._layout(segments, last)
+        runner = layout.runner
+        compile_before = runner.compile_s
+        pre_module, pre_ext = self._pre
+        pre_values = pre_module(*[inputs[r[1]] for r in pre_ext])
+        stacks = self.stacks(*[inputs[k] for k in self._member_keys])
+        envs: dict[int, dict[int, Any]] = {}
+        collected: list[list[Any]] = [[None] * segments for _ in self._collect_refs]
+        L = self.num_layers
+        T = self.segment_size
+
+        def form_of(s: int) -> _Form:
+            return self._forms["first" if s == 0 else "steady"]
+
+        def resolve(ref: Ref, s: int) -> Any:
+            kind = ref[0]
+            if kind == "L":
+                return envs[s][ref[1]]
+            if kind == "G":
+                return inputs[ref[1]]
+            if kind == "PRE":
+                return pre_values[ref[1]]
+            if kind == "P":
+                prev = "first" if s == 1 else "steady"
+                return envs[s - 1][self.plan.exports[prev][ref[1]]]
+            raise RerollError(f"unexpected ref {ref}")
+
+        def store(s: int, form: _Form, pos: int, value: Any) -> None:
+            envs[s][pos] = value
+            for index in form.collect.get(pos, ()):
+                collected[index][s] = value
+
+        def free(s: int, phase: int) -> None:
+            form = form_of(s)
+            env = envs.get(s)
+            if env is None:
+                return
+            keep = self._last_needed if s == segments - 1 else ()
+            for pos in form.frees.get(phase, ()):
+                if pos not in keep:
+                    env.pop(pos, None)
+
+        last_time = 2 * (segments - 1) + 2 * L
+        for t in range(last_time + 1):
+            lo, hi = max(0, (t - 2 * L + 1) // 2), min(segments - 1, t // 2)
+            if t % 2 == 0:
+                for s in range(lo, hi + 1):
+                    envs.setdefault(s, {})
+                    form = form_of(s)
+                    chunk = form.chunks.get(t - 2 * s)
+                    if chunk is None:
+                        continue
+                    n = last if s == segments - 1 else T
+                    values = chunk.module(s, n, *[resolve(r, s) for r in chunk.ext])
+                    for pos, value in zip(chunk.outputs, values):
+                        store(s, form, pos, value)
+            else:
+                d = (t - 1) // 2
+                for group_id in layout.by_step[d]:
+                    group = layout.groups[group_id]
+                    plan = runner.plans[group.variant]
+                    args: list[Any] = []
+                    for slot, kind in enumerate(plan.slot_kinds):
+                        if kind == "shared":
+                            layer, s = group.cells[0]
+                            args.append(resolve(form_of(s).cell_inputs[layer][slot], s))
+                        elif kind == "per_cell":
+                            args.extend(resolve(form_of(s).cell_inputs[layer][slot], s) for layer, s in group.cells)
+                    outputs = runner(group_id, stacks, *args)
+                    index = 0
+                    for layer, s in group.cells:
+                        form = form_of(s)
+                        for pos in form.cell_outputs[layer]:
+                            store(s, form, pos, outputs[index])
+                            index += 1
+            for s in range(lo, hi + 1):
+                free(s, t - 2 * s)
+            for s in [s for s in envs if s < lo and s != segments - 1]:
+                del envs[s]  # every reader of this unit has run
+        post_module, post_ext = self._post
+        post_inputs = []
+        for ref in post_ext:
+            if ref[0] == "ALL":
+                post_inputs.append(collected[self._collect_refs.index((ref[1], ref[2]))])
+            elif ref[0] == "LAST":
+                post_inputs.append(envs[segments - 1][ref[1]])
+            else:
+                post_inputs.append(resolve(ref, segments - 1))
+        outputs = post_module(*post_inputs)
+        stats = RunStats(
+            segments=segments,
+            last_length=last,
+            steps=segments + L - 1,
+            batched_calls=len(layout.groups),
+            compile_s=runner.compile_s - compile_before,
+        )
+        return tuple(outputs), stats
+
+
+def phase_of_next(steady: UnitForm, pos: int) -> int:
+    """Phase, in the next unit, of the cell at ``pos`` of the steady form."""
+    layer = steady.form[pos][4]
+    if layer is None:
+        raise RerollError("a node outside the layers reads the previous segment")
+    return 2 * layer + 1
