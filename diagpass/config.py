@@ -16,6 +16,7 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 StepCompiler = Literal["inductor", "eager"]
 Schedule = Literal["diagonal", "sequential"]
 Padding = Literal["none", "pow2", "max"]
+ShortTail = Literal["inductor", "eager"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,11 @@ class DiagbatchConfig:
     """Pad a diagonal's batch of cells to bound the number of compiled step shapes:
     ``"none"`` (one compile per distinct batch size), ``"pow2"`` (next power of two, at
     most L) or ``"max"`` (always min(L, S); one compile, most wasted work on ramps)."""
+
+    short_tail: ShortTail = "inductor"
+    """``diagpass.compile`` only: how the layers of a last segment shorter than the
+    segment length run. ``"inductor"`` compiles one step per new short length (once,
+    then cached); ``"eager"`` runs the template eagerly (no compile, slower tail)."""
 
     inductor: dict[str, Any] = field(default_factory=dict)
     """Inductor config overrides for the step graphs and the fallback, e.g.
@@ -85,7 +91,7 @@ def _check_type(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"diagbatch option {name!r} must be a bool, got {type(value).__name__} {value!r}")
         return value
-    literal = {"compiler": StepCompiler, "schedule": Schedule, "pad": Padding}.get(name)
+    literal = {"compiler": StepCompiler, "schedule": Schedule, "pad": Padding, "short_tail": ShortTail}.get(name)
     if literal is not None and value not in get_args(literal):
         raise ConfigError(f"diagbatch option {name!r} must be one of {get_args(literal)}, got {value!r}")
     return value

@@ -18,6 +18,7 @@ the number of segments but the outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import time
@@ -418,6 +419,9 @@ class RerolledProgram:
             in_dims=base.in_dims,
             layers=base.layers,
             stack_ids=base.stack_ids,
+            config=dataclasses.replace(self.config, compiler=self.config.short_tail)
+            if self.config.compiler == "inductor"
+            else None,
         )
         self._tail_plans[n] = plan
         return plan

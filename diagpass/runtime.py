@@ -63,6 +63,8 @@ class _VariantPlan:
     """Sorted layers of the variant's cells; a by_layer stack is indexed by position here."""
     stack_ids: dict[int, int]
     """by_layer slot -> index into the program's weight stacks."""
+    config: DiagbatchConfig | None = None
+    """Overrides the program's config for this variant's steps (e.g. an eager short tail)."""
 
 
 class WeightStacks(torch.nn.Module):
@@ -146,7 +148,7 @@ class StepRunner(torch.nn.Module):
                 in_dims=plan.in_dims,
                 args=args,
                 batch=num_lanes,
-                config=self.config,
+                config=plan.config or self.config,
                 static=[kind == "by_layer" for kind in plan.slot_kinds],
             )
             self._resolved[group_id] = step
