@@ -79,6 +79,8 @@ class RunStats:
     batched_calls: int
     compile_s: float
     """Inductor time spent in this run (new step shapes only)."""
+    peak_live_segments: int = 0
+    """Most segments whose values were alive at once (bounded by L+2, whatever S is)."""
 
 
 @dataclass(kw_only=True)
@@ -511,6 +513,7 @@ class RerolledProgram:
                     env.pop(pos, None)
 
         last_time = 2 * (segments - 1) + 2 * L
+        peak_live = 0
         for t in range(last_time + 1):
             lo, hi = max(0, (t - 2 * L + 1) // 2), min(segments - 1, t // 2)
             if t % 2 == 0:
@@ -545,6 +548,7 @@ class RerolledProgram:
                             index += 1
             for s in range(lo, hi + 1):
                 free(s, t - 2 * s)
+            peak_live = max(peak_live, len(envs))
             for s in [s for s in envs if s < lo and s != segments - 1]:
                 del envs[s]  # every reader of this unit has run
         post_module, post_ext = self._post
@@ -563,6 +567,7 @@ class RerolledProgram:
             steps=segments + L - 1,
             batched_calls=len(layout.groups),
             compile_s=runner.compile_s - compile_before,
+            peak_live_segments=peak_live,
         )
         return tuple(outputs), stats
 

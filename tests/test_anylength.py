@@ -1,0 +1,253 @@
+"""``diagpass.compile``: prove on a 3-segment probe, run any length exactly, never trace again."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import diagpass
+from diagpass import models
+from tests.helpers import float64_noise, logits_of, max_rel_err, rel_err, state_of
+from tests.reference_style import ReferenceStyleARMT
+from tests.reroll_models import (
+    CountsSegments,
+    PerSegmentOutputs,
+    SegmentIndexBetweenLayers,
+    SegmentIndexInsideLayers,
+    SplitSegments,
+)
+
+EAGER_STEPS = {"compiler": "eager"}
+
+
+def _ids(batch: int, length: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _graphs_traced() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def assert_any_length_exact(
+    model: torch.nn.Module,
+    *,
+    segment: int,
+    lengths: list[int],
+    batch: int = 1,
+    vocab: int = 64,
+    options: dict[str, Any] | None = None,
+    tol: float = 1e-5,
+    noise_aware: bool = False,
+) -> diagpass.AnyLengthModel:
+    """Compile on a 3-segment probe; every length then matches eager (outputs and state),
+    runs the rerolled program (but a single segment), and traces nothing new."""
+    fast = diagpass.compile(model, _ids(batch, 3 * segment, vocab), options=options or EAGER_STEPS)
+    traced = _graphs_traced()
+    for i, length in enumerate(lengths):
+        ids = _ids(batch, length, vocab, seed=i + 1)
+        bound = max(tol, 3 * float64_noise(model, ids)) if noise_aware else tol
+        with torch.no_grad():
+            expected = logits_of(model(ids)).clone()
+            expected_state = state_of(model)
+            actual = logits_of(fast(ids))
+        run = fast.report.runs[-1]
+        segments = -(-length // segment)
+        assert (run.segments, run.last_length) == (segments, length - (segments - 1) * segment)
+        assert run.path == ("eager" if segments == 1 else "diagonal"), run
+        assert actual.shape == expected.shape
+        err = max_rel_err(actual, expected)
+        assert err <= bound, f"{length} tokens: max rel err {err:.3e} > {bound:.1e}\n{fast.report}"
+        state = state_of(model)
+        assert len(state) == len(expected_state) > 0
+        for got, want in zip(state, expected_state):
+            assert max_rel_err(got, want) <= bound, f"{length} tokens: final state differs"
+        if segments > 1:
+            assert run.stats is not None and run.stats.steps == segments + len(model.layers) - 1
+    assert _graphs_traced() == traced, "a new length traced the model again"
+    return fast
+
+
+# --- the acceptance grid: probe at 3 segments, run at 1, 2, 7 and 33 --------------------------------
+
+
+def test_zoo_armt_any_length_exact() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
+    fast = assert_any_length_exact(
+        model, segment=8, vocab=model.config.vocab_size, lengths=[8, 16, 56, 264, 53, 13, 261, 5]
+    )
+    report = fast.report
+    assert report.short_tail and report.segment_size == 8 and report.num_layers == len(model.layers)
+    assert report.probes[0] == (3, 8) and len(report.probes) == 3
+    assert report.holes_checked > 0
+    assert any(w.endswith("W_mem") for w in report.state_writes)
+    assert "PROVEN" in str(report) and "261 tokens" in str(report)
+
+
+def test_zoo_linear_memory_any_length_exact() -> None:
+    model = models.build_linear_memory(segment_size=8, d_key=8)
+    assert_any_length_exact(model, segment=8, vocab=model.config.vocab_size, lengths=[8, 16, 56, 264, 29], batch=2)
+
+
+def test_zoo_gpt2_armt_any_length_exact() -> None:
+    model = models.build_armt(base="gpt2", segment_size=8, num_mem_tokens=2, d_mem=8)
+    assert_any_length_exact(model, segment=8, vocab=model.config.vocab_size, lengths=[16, 56, 61])
+
+
+def test_reference_style_any_length_exact() -> None:
+    """Plain PyTorch, state in reassigned module attributes, per-segment outputs concatenated."""
+    model = ReferenceStyleARMT(layers=3, segment_size=8, num_mem_tokens=2)
+    assert_any_length_exact(model, segment=8, lengths=[8, 16, 56, 264, 259], batch=2, noise_aware=True)
+
+
+def test_segment_index_between_layers_is_generalised() -> None:
+    """An int literal affine in s outside the layers is recomputed for every segment."""
+    model = SegmentIndexBetweenLayers(layers=2, segment_size=4, num_mem_tokens=2)
+    assert_any_length_exact(model, segment=4, lengths=[8, 28, 45], noise_aware=True)
+
+
+@settings(max_examples=8)
+@given(
+    layers=st.integers(1, 4),
+    segment_size=st.sampled_from([4, 8]),
+    mem=st.integers(1, 3),
+    width=st.sampled_from([8, 16]),
+    batch=st.integers(1, 3),
+    segments=st.lists(st.integers(1, 12), min_size=1, max_size=3),
+    short_last=st.integers(0, 3),
+)
+def test_property_reference_style_any_length(
+    layers: int, segment_size: int, mem: int, width: int, batch: int, segments: list[int], short_last: int
+) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    model = ReferenceStyleARMT(layers=layers, width=width, segment_size=segment_size, num_mem_tokens=mem, d_mem=4)
+    lengths = [s * segment_size - min(short_last, segment_size - 1) * (i % 2) for i, s in enumerate(segments)]
+    assert_any_length_exact(model, segment=segment_size, lengths=lengths, batch=batch, noise_aware=True)
+
+
+@settings(max_examples=3)
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), segments=st.integers(2, 9), short_last=st.integers(0, 3))
+def test_property_low_precision_any_length(dtype: torch.dtype, segments: int, short_last: int) -> None:
+    """bf16/fp16: as close to a float32 run as sequential eager in the same dtype."""
+    torch._dynamo.reset()
+    model = ReferenceStyleARMT(layers=3, width=16, segment_size=8).to(dtype)
+    reference = copy.deepcopy(model).float()
+    fast = diagpass.compile(model, _ids(2, 24), options=EAGER_STEPS)
+    ids = _ids(2, segments * 8 - short_last, seed=3)
+    with torch.no_grad():
+        expected = reference(ids)
+        eager = model(ids).clone()
+        actual = fast(ids)
+    assert actual.dtype == dtype
+    assert rel_err(actual, expected) <= 2 * rel_err(eager, expected) + 1e-3
+
+
+# --- the same machinery as the torch.compile backend --------------------------------------------
+
+
+def test_equals_the_torch_compile_path_and_shares_its_steps() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
+    vocab = model.config.vocab_size
+    fast = diagpass.compile(model, _ids(1, 24, vocab), options=EAGER_STEPS)
+    compiled = torch.compile(model, backend="diagbatch", dynamic=False, options=EAGER_STEPS)
+    for length in (53, 56):
+        ids = _ids(1, length, vocab, seed=length)
+        with torch.no_grad():
+            mine = logits_of(fast(ids)).clone()
+            compiles = counters["diagpass"]["step_compiles"]
+            theirs = logits_of(compiled(ids))
+        assert diagpass.last_compile().applied
+        assert torch.equal(mine, theirs), length
+    # Full segments: the backend found every step diagpass.compile had compiled. (A short
+    # last segment is keyed by its length in diagpass.compile, by its graph in the backend.)
+    assert counters["diagpass"]["step_compiles"] == compiles
+
+
+def test_memory_does_not_grow_with_segments() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=4, num_mem_tokens=2)
+    fast = diagpass.compile(model, _ids(1, 12), options=EAGER_STEPS)
+    for segments in (4, 40):
+        with torch.no_grad():
+            fast(_ids(1, 4 * segments))
+        stats = fast.report.runs[-1].stats
+        assert stats is not None and stats.peak_live_segments <= len(model.layers) + 2
+
+
+@pytest.mark.slow
+def test_inductor_any_length_exact() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
+    fast = assert_any_length_exact(
+        model, segment=8, vocab=model.config.vocab_size, lengths=[16, 56, 53, 61], options={"pad": "max"}
+    )
+    assert counters["diagpass"]["batched_gemms"] > 0
+    # 53 and 61 tokens end in segments of 5: one compiled tail step, reused.
+    tails = [r.stats.compile_s for r in fast.report.runs if r.last_length == 5]
+    assert tails[0] > 0 and tails[1] == 0
+
+
+def test_short_tail_eager_option() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8, num_mem_tokens=2)
+    fast = diagpass.compile(model, _ids(1, 24), options={"short_tail": "eager", "compiler": "eager"})
+    assert fast.config.short_tail == "eager"
+    with torch.no_grad():
+        assert max_rel_err(fast(_ids(1, 45)), model(_ids(1, 45))) < 1e-5
+
+
+# --- refusals: clear errors where generalisation is not proven ----------------------------------
+
+
+def test_vanilla_rmt_is_refuted_with_its_edge() -> None:
+    model = models.build_rmt(segment_size=8, num_mem_tokens=2)
+    with pytest.raises(diagpass.StructureError, match="rmt.py") as caught:
+        diagpass.compile(model, _ids(1, 24, model.config.vocab_size), options=EAGER_STEPS)
+    assert caught.value.violations
+
+
+def test_probe_too_short() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    with pytest.raises(diagpass.GeneralisationError, match="at least 3 segments"):
+        diagpass.compile(model, _ids(1, 16), options=EAGER_STEPS)
+
+
+@pytest.mark.parametrize(
+    "model_class,needle",
+    [
+        (PerSegmentOutputs, "depends on the number of segments"),
+        (SegmentIndexInsideLayers, "changes with the segment index"),
+        (SplitSegments, "could not find how the input is split"),
+        (CountsSegments, "depends on the input length"),
+    ],
+)
+def test_refuses_what_does_not_generalise(model_class: type, needle: str) -> None:
+    model = model_class(layers=2, segment_size=4, num_mem_tokens=2)
+    with pytest.raises(diagpass.GeneralisationError, match=needle):
+        diagpass.compile(model, _ids(1, 12), options=EAGER_STEPS)
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    fast = diagpass.compile(model, _ids(2, 24), options=EAGER_STEPS)
+    with pytest.raises(diagpass.InputError, match="dtype"):
+        fast(_ids(2, 40).float())
+    with pytest.raises(diagpass.InputError, match="only dim 1 may differ"):
+        fast(_ids(3, 40))
+    with pytest.raises(diagpass.InputError, match="empty"):
+        fast(_ids(2, 0))
+    with pytest.raises(diagpass.InputError, match="structured"):
+        fast(_ids(2, 40), _ids(2, 40))
+    with pytest.raises(diagpass.InputError, match="nn.Module"):
+        diagpass.compile(lambda x: x, _ids(2, 24))  # type: ignore[arg-type]
+
+
+def test_autograd_runs_the_model_itself() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=8)
+    fast = diagpass.compile(model, _ids(1, 24), options=EAGER_STEPS)
+    out = fast(_ids(1, 40))
+    assert out.requires_grad
+    assert fast.report.runs[-1].path == "eager" and "autograd" in fast.report.runs[-1].reason
