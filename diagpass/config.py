@@ -47,10 +47,11 @@ class DiagbatchConfig:
     ``"none"`` (one compile per distinct batch size), ``"pow2"`` (next power of two, at
     most L) or ``"max"`` (always min(L, S); one compile, most wasted work on ramps)."""
 
-    short_tail: ShortTail = "inductor"
+    short_tail: ShortTail = "eager"
     """``diagpass.compile`` only: how the layers of a last segment shorter than the
-    segment length run. ``"inductor"`` compiles one step per new short length (once,
-    then cached); ``"eager"`` runs the template eagerly (no compile, slower tail)."""
+    segment length run. ``"eager"`` runs the cell template eagerly (a new length costs no
+    compile; the tail's L cells run unfused). ``"inductor"`` compiles one step per new
+    short length (seconds, once per length, then cached): for inputs whose lengths recur."""
 
     inductor: dict[str, Any] = field(default_factory=dict)
     """Inductor config overrides for the step graphs and the fallback, e.g.

@@ -54,6 +54,16 @@ def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | Non
     return torch.func.vmap(template, in_dims=tuple(in_dims), out_dims=0)
 
 
+def single_cell(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:
+    """The batched step for one cell, without vmap: unbatch, call, re-add the cell dim."""
+
+    def step(*args: Any) -> tuple[torch.Tensor, ...]:
+        inputs = [a if dim is None else a.select(dim, 0) for a, dim in zip(args, in_dims)]
+        return tuple(out.unsqueeze(0) for out in template(*inputs))
+
+    return step
+
+
 def count_batched_gemms(gm: torch.fx.GraphModule) -> int:
     """Batched/grouped GEMM nodes in an ATen graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(_BATCHED_GEMMS))
@@ -165,7 +175,9 @@ class StepCompiler:
         start = time.perf_counter()
         batched = batched_template(template, in_dims)
         if config.compiler == "eager":
-            step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+            # One cell: run the template itself; vmap's per-op dispatch would cost more than the ops.
+            fn = single_cell(template, in_dims) if batch == 1 else batched
+            step = CompiledStep(fn=fn, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
             step = self._inductor(batched, args, batch, config, start)
         if config.cudagraphs and devices == ("cuda",):

@@ -183,20 +183,22 @@ def test_memory_does_not_grow_with_segments() -> None:
 def test_inductor_any_length_exact() -> None:
     model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
     fast = assert_any_length_exact(
-        model, segment=8, vocab=model.config.vocab_size, lengths=[16, 56, 53, 61], options={"pad": "max"}
+        model, segment=8, vocab=model.config.vocab_size, lengths=[16, 56, 53, 61], options={"short_tail": "inductor"}
     )
     assert counters["diagpass"]["batched_gemms"] > 0
     # 53 and 61 tokens end in segments of 5: one compiled tail step, reused.
     tails = [r.stats.compile_s for r in fast.report.runs if r.last_length == 5]
     assert tails[0] > 0 and tails[1] == 0
+    # The default runs a short tail's cells eagerly: a new short length compiles nothing.
+    fast = assert_any_length_exact(model, segment=8, vocab=model.config.vocab_size, lengths=[56, 50])
+    assert fast.report.runs[-1].stats.compile_s < 0.05
 
 
-def test_short_tail_eager_option() -> None:
+def test_short_tail_option_is_validated() -> None:
     model = ReferenceStyleARMT(layers=2, segment_size=8, num_mem_tokens=2)
-    fast = diagpass.compile(model, _ids(1, 24), options={"short_tail": "eager", "compiler": "eager"})
-    assert fast.config.short_tail == "eager"
-    with torch.no_grad():
-        assert max_rel_err(fast(_ids(1, 45)), model(_ids(1, 45))) < 1e-5
+    assert diagpass.compile(model, _ids(1, 24), options=EAGER_STEPS).config.short_tail == "eager"
+    with pytest.raises(diagpass.ConfigError, match="short_tail"):
+        diagpass.compile(model, _ids(1, 24), options={"short_tail": "fast"})
 
 
 # --- refusals: clear errors where generalisation is not proven ----------------------------------
