@@ -47,6 +47,12 @@ class DiagbatchConfig:
     ``"none"`` (one compile per distinct batch size), ``"pow2"`` (next power of two, at
     most L) or ``"max"`` (always min(L, S); one compile, most wasted work on ramps)."""
 
+    min_lanes: int = 1
+    """Pad every padded step to at least this many cells (at most min(L, S)). With ``pad="pow2"``
+    and 16 layers, ``min_lanes=8`` compiles 2 step shapes per template instead of 5, for a few
+    percent of extra work on the ramp diagonals. ``diagpass.compile`` defaults it to 8, since it
+    compiles every ramp size on its first call; the backend to 1."""
+
     short_tail: ShortTail = "eager"
     """``diagpass.compile`` only: how the layers of a last segment shorter than the
     segment length run. ``"eager"`` runs the cell template eagerly (a new length costs no
@@ -84,9 +90,9 @@ def _check_type(name: str, value: Any) -> Any:
         if bad:
             raise ConfigError(f"diagbatch option 'inductor' has unknown Inductor config keys: {bad}")
         return dict(value)
-    if name == "min_segments":
+    if name in ("min_segments", "min_lanes"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"diagbatch option 'min_segments' must be an int >= 1, got {value!r}")
+            raise ConfigError(f"diagbatch option {name!r} must be an int >= 1, got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

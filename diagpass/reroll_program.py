@@ -449,11 +449,9 @@ class RerolledProgram:
             for variant, cells in sorted(by_variant.items()):
                 positions = [layer for layer, _ in cells]
                 group = StepGroup(step=d, variant=variant, cells=cells)
-                lanes_n = _pad(len(cells), min(L, segments), self.config.pad)
-                if variant == 0 and lanes_n == 1 and min(L, segments) > 1:
-                    # A lone steady cell happens on two diagonals only (the corners): pad it to
-                    # two lanes rather than compile a step for it.
-                    lanes_n = 2
+                # The first segment has one cell per diagonal: never pad it.
+                floor = self.config.min_lanes if variant != 1 else 1
+                lanes_n = _pad(len(cells), min(L, segments), self.config.pad, floor)
                 first = min(positions[0], L - lanes_n)
                 group.lanes = list(range(first, first + lanes_n))
                 group.cell_lane = [p - first for p in positions]

@@ -194,9 +194,10 @@ def _copy_attr(source: torch.nn.Module, target: torch.nn.Module, dotted: str) ->
         setattr(target, name, value)
 
 
-def _pad(count: int, limit: int, mode: str) -> int:
+def _pad(count: int, limit: int, mode: str, floor: int = 1) -> int:
     if mode == "none" or count >= limit:
         return count
+    count = max(count, min(floor, limit))
     if mode == "max":
         return limit
     padded = 1
@@ -266,7 +267,7 @@ def build_program(
             group = StepGroup(step=step_index, variant=variant, cells=cells, contiguous=contiguous)
             if contiguous:
                 # A diagonal never holds more than min(L, S) cells: pad no further.
-                lanes_n = _pad(len(cells), min(len(plan.layers), labels.num_segments), config.pad)
+                lanes_n = _pad(len(cells), min(len(plan.layers), labels.num_segments), config.pad, config.min_lanes)
                 first = min(positions[0], len(plan.layers) - lanes_n)
                 group.lanes = list(range(first, first + lanes_n))
                 group.cell_lane = [p - first for p in positions]

@@ -253,3 +253,15 @@ def test_autograd_runs_the_model_itself() -> None:
     out = fast(_ids(1, 40))
     assert out.requires_grad
     assert fast.report.runs[-1].path == "eager" and "autograd" in fast.report.runs[-1].reason
+
+
+def test_min_lanes_pads_the_ramps() -> None:
+    model = ReferenceStyleARMT(layers=4, segment_size=4, num_mem_tokens=2)
+    fast = diagpass.compile(model, _ids(1, 12), options={**EAGER_STEPS, "min_lanes": 4})
+    with torch.no_grad():
+        assert max_rel_err(fast(_ids(1, 40)), model(_ids(1, 40))) < 1e-5
+    layout = next(iter(fast.program._layouts.values()))
+    steady = [len(g.lanes) for g in layout.groups if g.variant == 0]
+    first = [len(g.lanes) for g in layout.groups if g.variant == 1]
+    assert set(steady) == {4} and set(first) == {1}  # the first segment is never padded
+    assert diagpass.compile(model, _ids(1, 12)).config.min_lanes == 8  # diagpass.compile's default
