@@ -105,7 +105,7 @@ class RerollReport:
             f"  probes: {probes}; trace {sum(self.trace_s):.2f}s, proof and build {self.prove_s:.2f}s",
             f"  templates: first segment {self.unit_nodes[0]} nodes, steady segment {self.unit_nodes[1]} nodes; "
             f"{self.holes_checked} int literals affine in (s, n), checked",
-            f"  state written back: {', '.join(self.state_writes) or 'none'}",
+            f"  state written back: {_summarise_writes(self.state_writes)}",
         ]
         for run in self.runs[-5:]:
             extra = f" ({run.reason})" if run.reason else ""
@@ -114,6 +114,16 @@ class RerollReport:
                 f"{run.wall_s:.3f}s" + (f", compiled {run.stats.compile_s:.2f}s" if run.stats and run.stats.compile_s else "")
             )
         return "\n".join(lines)
+
+
+def _summarise_writes(writes: list[str]) -> str:
+    """``W_mem, first_seg, z on 16 modules (model.model.layers.0 ...)`` rather than 48 paths."""
+    if not writes:
+        return "none"
+    names = sorted({w.rsplit(".", 1)[-1] for w in writes})
+    owners = sorted({w.rsplit(".", 1)[0] if "." in w else "<model>" for w in writes})
+    where = owners[0] if len(owners) == 1 else f"{len(owners)} modules ({owners[0]} ...)"
+    return f"{len(writes)} attributes: {', '.join(names)} on {where}"
 
 
 # -- input and output mapping ---------------------------------------------------------------------

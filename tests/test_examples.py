@@ -66,3 +66,20 @@ def test_armt_llama_default_inductor():
     out = run_example("armt_llama.py", timeout=1200).stdout
     _check_demo_output(out, layers=4, segments=4)
     assert "batched GEMMs in them" in out
+
+
+def _check_any_length_output(out: str) -> None:
+    assert "diagpass.compile: PROVEN for any length" in out
+    assert "528 tokens = 33 segments (last 16): diagonal" in out
+    assert "100 tokens =  7 segments (last  4): diagonal" in out
+    assert "16 tokens =  1 segments (last 16): eager" in out
+    assert out.rstrip().endswith("with no new trace.")
+
+
+def test_any_length_eager_steps():
+    _check_any_length_output(run_example("any_length.py", "--compiler", "eager").stdout)
+
+
+@pytest.mark.slow
+def test_any_length_inductor():
+    _check_any_length_output(run_example("any_length.py", timeout=1200).stdout)
