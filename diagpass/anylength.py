@@ -513,6 +513,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
     # Restore the state the user's probe call left (the cut probes ran after it).
     _replay_writes(model, mapping, captured)
     log.info("diagpass.compile: proven in %.2fs:\n%s", time.perf_counter() - started, report)
+    for kept in keep_alive:  # Dynamo's cache keeps the recorders alive: drop the probes' outputs
+        kept.outputs.clear()
+        kept.returned = None
+    for probe_map in [mapping, *extra_maps]:
+        probe_map.writes_of = None  # its closure holds the probe's outputs
     del keep_alive
     return AnyLengthModel(
         model=model,
