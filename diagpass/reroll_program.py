@@ -391,27 +391,18 @@ class RerolledProgram:
         if plan is not None:
             return plan
         template = self._steady_template
-        split = self.plan.split
-        steady = self.plan.steady
-        binding = self._bindings[template.exemplar]
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for slot, node in enumerate(binding.inputs):
-            placeholder = graph.placeholder(f"slot{slot}_{node.name}")
-            placeholder.meta = dict(node.meta)
-            env[node] = placeholder
         if template.exemplar[1] != 1:
             raise RerollError("the steady template's exemplar is not in segment 1")
-        for node in template.nodes:
-            slots = iter(steady.slots_of[split.position[node]])
-            values = self.plan.fits
-            args = walk_arg(node.args, lambda a: env[a], lambda _, it=slots: values[next(it)](1, n))
-            kwargs = walk_arg(node.kwargs, lambda a: env[a], lambda _, it=slots: values[next(it)](1, n))
-            new = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
-            new.meta = dict(node.meta)
-            env[node] = new
-        graph.output(tuple(env[template.nodes[i]] for i in template.output_locals))
-        module = torch.fx.GraphModule(self.gm, graph, class_name="CellTemplateTail")
+        position, slots_of, fits = self.plan.split.position, self.plan.steady.slots_of, self.plan.fits
+
+        def at_length(node: torch.fx.Node) -> tuple[Any, Any]:
+            slots = iter(slots_of[position[node]])  # args, then kwargs: the order the proof read them
+            args = walk_arg(node.args, lambda a: a, lambda _: fits[next(slots)](1, n))
+            return args, walk_arg(node.kwargs, lambda a: a, lambda _: fits[next(slots)](1, n))
+
+        module = build_template_module(
+            template, self._bindings, self.gm, rewrite=at_length, class_name="CellTemplateShortTail"
+        )
         use_batched_attention(module)
         base = self._plans["steady"]
         plan = _VariantPlan(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -315,12 +316,19 @@ def _uniformity(
 
 
 def build_template_module(
-    template: CellTemplate, bindings: dict[Cell, CellBinding], owner: torch.nn.Module
+    template: CellTemplate,
+    bindings: dict[Cell, CellBinding],
+    owner: torch.nn.Module,
+    *,
+    rewrite: Callable[[torch.fx.Node], tuple[Any, Any]] | None = None,
+    class_name: str | None = None,
 ) -> torch.fx.GraphModule:
     """A standalone ``GraphModule``: one placeholder per input slot, a tuple of outputs.
 
     The body is a copy of the exemplar cell's nodes, with their ``meta`` kept. ``owner``
     is the captured module, which holds whatever ``get_attr`` nodes the body reads.
+    ``rewrite(node)``, when given, returns the ``(args, kwargs)`` to use for ``node`` (still
+    naming the exemplar's nodes); the reroll pass uses it to put other int literals in.
     """
     binding = bindings[template.exemplar]
     graph = torch.fx.Graph()
@@ -330,6 +338,14 @@ def build_template_module(
         placeholder.meta = dict(node.meta)
         env[node] = placeholder
     for node in template.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        if rewrite is None:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        args, kwargs = rewrite(node)
+        new = graph.create_node(
+            node.op, node.target, torch.fx.map_arg(args, env.__getitem__), torch.fx.map_arg(kwargs, env.__getitem__), name=node.name
+        )
+        new.meta = dict(node.meta)
+        env[node] = new
     graph.output(tuple(env[template.nodes[i]] for i in template.output_locals))
-    return torch.fx.GraphModule(owner, graph, class_name=f"CellTemplate{template.variant}")
+    return torch.fx.GraphModule(owner, graph, class_name=class_name or f"CellTemplate{template.variant}")

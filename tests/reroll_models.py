@@ -5,7 +5,27 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
 from tests.reference_style import AssociativeBlock, ReferenceStyleARMT
+
+
+def _segment(model: ReferenceStyleARMT, ids: torch.Tensor, call: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One segment of the reference loop, each layer run through ``call``."""
+    x = model.embed(ids)
+    x = torch.cat([x, model.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # [B, T+m, d]
+    for layer in model.layers:
+        x = call(layer, x)
+    return model.head(model.norm(x[:, : -model.num_mem_tokens]))
+
+
+def _slices(model: ReferenceStyleARMT, input_ids: torch.Tensor) -> Iterable[torch.Tensor]:
+    for layer in model.layers:
+        layer.zero_mem()
+    for start in range(0, input_ids.shape[1], model.segment_size):
+        yield input_ids[:, start : start + model.segment_size]
 
 
 class _ShiftedBlock(AssociativeBlock):
@@ -23,32 +43,20 @@ class SegmentIndexInsideLayers(ReferenceStyleARMT):
             layer.__class__ = _ShiftedBlock
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        for layer in self.layers:
-            layer.zero_mem()
-        logits = []
-        for index, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
-            x = self.embed(input_ids[:, start : start + self.segment_size])
-            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-            for layer in self.layers:
-                x = layer(x, shift=index)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
-        return torch.cat(logits, dim=1)
+        return torch.cat(
+            [
+                _segment(self, ids, lambda layer, x, i=index: layer(x, shift=i)[0])
+                for index, ids in enumerate(_slices(self, input_ids))
+            ],
+            dim=1,
+        )
 
 
 class PerSegmentOutputs(ReferenceStyleARMT):
     """Returns a list with one tensor per segment: the return value grows with the length."""
 
     def forward(self, input_ids: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        for layer in self.layers:
-            layer.zero_mem()
-        logits = []
-        for start in range(0, input_ids.shape[1], self.segment_size):
-            x = self.embed(input_ids[:, start : start + self.segment_size])
-            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-            for layer in self.layers:
-                x = layer(x)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
-        return logits
+        return [_segment(self, ids, lambda layer, x: layer(x)[0]) for ids in _slices(self, input_ids)]
 
 
 class SegmentIndexBetweenLayers(ReferenceStyleARMT):
@@ -56,16 +64,13 @@ class SegmentIndexBetweenLayers(ReferenceStyleARMT):
     ``s`` outside the layers, which the rerolled program computes per segment."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        for layer in self.layers:
-            layer.zero_mem()
-        logits = []
-        for index, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
-            x = self.embed(input_ids[:, start : start + self.segment_size])
-            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-            for layer in self.layers:
-                x = layer(x.roll(index, dims=-1))[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
-        return torch.cat(logits, dim=1)
+        return torch.cat(
+            [
+                _segment(self, ids, lambda layer, x, i=index: layer(x.roll(i, dims=-1))[0])
+                for index, ids in enumerate(_slices(self, input_ids))
+            ],
+            dim=1,
+        )
 
 
 class SplitSegments(ReferenceStyleARMT):
@@ -74,14 +79,8 @@ class SplitSegments(ReferenceStyleARMT):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self.layers:
             layer.zero_mem()
-        logits = []
-        for segment in input_ids.split(self.segment_size, dim=1):
-            x = self.embed(segment)
-            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-            for layer in self.layers:
-                x = layer(x)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
-        return torch.cat(logits, dim=1)
+        segments = input_ids.split(self.segment_size, dim=1)
+        return torch.cat([_segment(self, ids, lambda layer, x: layer(x)[0]) for ids in segments], dim=1)
 
 
 class CountsSegments(ReferenceStyleARMT):
@@ -89,14 +88,8 @@ class CountsSegments(ReferenceStyleARMT):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         self.seen = 0
-        for layer in self.layers:
-            layer.zero_mem()
         logits = []
-        for start in range(0, input_ids.shape[1], self.segment_size):
+        for ids in _slices(self, input_ids):
             self.seen += 1
-            x = self.embed(input_ids[:, start : start + self.segment_size])
-            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-            for layer in self.layers:
-                x = layer(x)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
+            logits.append(_segment(self, ids, lambda layer, x: layer(x)[0]))
         return torch.cat(logits, dim=1)
