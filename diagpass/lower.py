@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from diagpass.config import DiagbatchConfig
+from diagpass.fuse import FusedWeight, fuse_horizontal_gemms
 from diagpass.ops import SDPA_TARGETS, batched_sdpa, sdpa_supported
 
 log = logging.getLogger("diagpass.lower")
@@ -31,6 +32,9 @@ log = logging.getLogger("diagpass.lower")
 __all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms"]
 
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
+
+FUSE_GEMMS = True
+"""Fuse the batched GEMMs that share their input (:mod:`diagpass.fuse`) in Inductor steps."""
 
 
 def use_batched_attention(template: torch.fx.GraphModule) -> int:
@@ -156,6 +160,7 @@ class StepCompiler:
             devices,
             config.compiler,
             config.cudagraphs,
+            FUSE_GEMMS,
             tuple(sorted(config.inductor.items())),
         )
         step = self._cache.get(cache_key)
@@ -167,7 +172,7 @@ class StepCompiler:
         if config.compiler == "eager":
             step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
-            step = self._inductor(batched, args, batch, config, start)
+            step = self._inductor(batched, args, batch, config, start, static)
         if config.cudagraphs and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
@@ -183,21 +188,36 @@ class StepCompiler:
 
     @staticmethod
     def _inductor(
-        batched: Callable[..., Any], args: Sequence[Any], batch: int, config: DiagbatchConfig, start: float
+        batched: Callable[..., Any],
+        args: Sequence[Any],
+        batch: int,
+        config: DiagbatchConfig,
+        start: float,
+        static: Sequence[bool] = (),
     ) -> CompiledStep:
         from torch._inductor.compile_fx import compile_fx
 
         with torch.no_grad():
             aten = make_fx(batched, tracing_mode="fake")(*args)
+        makers: list[FusedWeight] = []
+        if FUSE_GEMMS and static:
+            aten, makers = fuse_horizontal_gemms(aten, static)
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
         patches = dict(config.inductor)
-        example = list(args)
+        example = [*args, *(make(args) for make in makers)]
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)
 
-        def run(*step_args: Any) -> Any:
-            return compiled(*step_args)
+        if makers:
+
+            def run(*step_args: Any) -> Any:
+                return compiled(*step_args, *(make(step_args) for make in makers))
+
+        else:
+
+            def run(*step_args: Any) -> Any:
+                return compiled(*step_args)
 
         return CompiledStep(
             fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten
