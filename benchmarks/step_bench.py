@@ -35,9 +35,16 @@ from diagpass import lower, models
 from diagpass.config import parse_options
 
 VARIANTS = {
-    "base": {"fuse": False},
-    "fuse": {"fuse": True},
+    "base": {"fuse": False, "causal": False, "late": False},
+    "fuse": {"fuse": True, "causal": False, "late": False},
+    "causal": {"fuse": False, "causal": True, "late": False},
+    "late": {"fuse": False, "causal": False, "late": True},
+    "late_causal": {"fuse": False, "causal": True, "late": True},
+    "all": {"fuse": True, "causal": True, "late": True},
 }
+"""fuse: diagpass.fuse (GEMMs sharing an input); causal: masks proven causal become
+is_causal=True (lower.use_causal_attention); late: the prologue of a segment just before its
+first step (diagpass.placement)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +184,25 @@ def build_model(args: argparse.Namespace) -> Any:
 
 
 def set_variant(spec: dict[str, Any]) -> None:
-    lower.FUSE_GEMMS = bool(spec.get("fuse", True))
+    from diagpass import placement
+
+    lower.FUSE_GEMMS = bool(spec["fuse"])
+    lower.CAUSAL_ATTENTION = bool(spec["causal"])
+    placement.LATE = bool(spec["late"])
+
+
+def _force_causal(template: Any) -> Any:
+    """A copy of the template whose attention is causal (what use_causal_attention proves)."""
+    import copy
+
+    template = copy.deepcopy(template)
+    for node in template.graph.nodes:
+        if node.op == "call_function" and node.target is lower.batched_sdpa:
+            kwargs = dict(node.kwargs)
+            kwargs["attn_mask"], kwargs["is_causal"] = None, True
+            node.kwargs = kwargs
+    template.recompile()
+    return template
 
 
 def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> None:
@@ -191,6 +216,7 @@ def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> Non
         return original(**kw)
 
     step_compiler.get = record  # type: ignore[method-assign]
+    set_variant(VARIANTS["base"])  # capture the unmodified template
     ids = torch.randint(0, armt.config.vocab_size, (1, 2 * args.segment), device=DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(armt, backend="diagbatch", dynamic=False, options={"compiler": "eager", "pad": "max"})
@@ -214,11 +240,13 @@ def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> Non
     config = parse_options({"compiler": "inductor", "pad": "max"})
     outputs = {}
     for name in args.variants.split(","):
-        set_variant(VARIANTS[name])
+        spec = VARIANTS[name]
+        set_variant(spec)
         compiler = lower.StepCompiler()
+        template = _force_causal(call["template"]) if spec["causal"] else call["template"]
         t0 = time.perf_counter()
         step, _ = compiler.get(
-            key=call["key"], template=call["template"], in_dims=call["in_dims"], args=wide, batch=G,
+            key=call["key"], template=template, in_dims=call["in_dims"], args=wide, batch=G,
             config=config, static=call["static"],
         )
         compile_s = time.perf_counter() - t0
@@ -313,44 +341,57 @@ def _with(backend: Any, fn: Callable[[], Any]) -> Any:
 
 
 def e2e_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> None:
-    from diagpass.backend import step_compiler
+    """Trace once; build one program per variant from the same graph (no retrace)."""
+    from diagpass.backend import diagbatch
 
     ids = torch.randint(0, armt.config.vocab_size, (1, args.e2e), device=DEVICE)
+    captured: dict[str, Any] = {}
+
+    def grab(gm: Any, example_inputs: list[Any], **_: Any) -> Any:
+        captured["gm"], captured["inputs"] = gm, example_inputs
+        return gm.forward
+
     torch._dynamo.reset()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        torch.compile(armt, backend=grab, dynamic=False)(ids)
+    print(f"trace of {args.e2e} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
+    gm, inputs = captured["gm"], captured["inputs"]
     options = json.loads(args.options)
-    compiled = torch.compile(armt, backend="diagbatch", dynamic=False, options=options)
     outputs = {}
-    for index, name in enumerate(args.variants.split(",")):
+    for name in args.variants.split(","):
         set_variant(VARIANTS[name])
-        step_compiler._cache.clear()
-        record = diagpass.last_compile()
-        if record is not None and record.program is not None:
-            record.program.runner._resolved.clear()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = compiled(ids).logits
-        _sync()
-        first_s = time.perf_counter() - t0
+            fn = diagbatch(gm, inputs, options=options)
         record = diagpass.last_compile()
         assert record is not None and record.applied, record and record.reason
-        outputs[name] = out.float().clone()
         with torch.no_grad():
-            ms = cuda_median(lambda: compiled(ids), args.repeats, warmup=1)
-            # host time to issue one forward (GPU may still be running when it returns)
+            out = fn(*inputs)
+        _sync()
+        first_s = time.perf_counter() - t0
+        outputs[name] = [o.float().clone() for o in out if isinstance(o, torch.Tensor)]
+        with torch.no_grad():
+            ms = cuda_median(lambda: fn(*inputs), args.repeats, warmup=1)
+            # host time to issue one forward (the GPU may still be running when it returns)
             _sync()
             h0 = time.perf_counter()
-            compiled(ids)
+            fn(*inputs)
             host_ms = (time.perf_counter() - h0) * 1e3
             _sync()
-            table = kernel_table(lambda: compiled(ids), 1, trace=f"{args.trace_dir}/e2e_{name}" if args.trace_dir else None)
+            table = kernel_table(lambda: fn(*inputs), 1, trace=f"{args.trace_dir}/e2e_{name}" if args.trace_dir else None)
         err = None
         if "base" in outputs and name != "base":
-            a, b = outputs[name], outputs["base"]
-            err = ((a - b).norm() / b.norm()).item()
+            err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(outputs[name], outputs["base"]))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
         results["e2e"][name] = {"ms": ms, "first_call_s": first_s, "host_issue_ms": host_ms, "rel_err_vs_base": err,
-                                "steps": record.num_steps, "step_compiles": record.step_compiles, **table}
-        print(f"e2e {args.e2e} {name}: {ms:.2f} ms (first call {first_s:.1f} s, host issue {host_ms:.1f} ms, err vs base {err})", flush=True)
+                                "steps": record.num_steps, "step_compiles": record.step_compiles, "peak_gib": peak, **table}
+        print(f"e2e {args.e2e} {name}: {ms:.2f} ms (first call {first_s:.1f} s, host issue {host_ms:.1f} ms, "
+              f"err vs base {err}, peak {peak} GiB)", flush=True)
         print_table(name, table)
+        del fn
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,12 +29,15 @@ from diagpass.ops import SDPA_TARGETS, batched_sdpa, sdpa_supported
 
 log = logging.getLogger("diagpass.lower")
 
-__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms"]
+__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms", "use_causal_attention"]
 
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
 
 FUSE_GEMMS = True
 """Fuse the batched GEMMs that share their input (:mod:`diagpass.fuse`) in Inductor steps."""
+
+CAUSAL_ATTENTION = True
+"""Let :func:`use_causal_attention` replace masks proven causal by ``is_causal=True``."""
 
 
 def use_batched_attention(template: torch.fx.GraphModule) -> int:
@@ -51,6 +54,140 @@ def use_batched_attention(template: torch.fx.GraphModule) -> int:
         template.recompile()
         counters["diagpass"]["sdpa_batched"] += rewritten
     return rewritten
+
+
+def _mask_arg(node: torch.fx.Node) -> tuple[Any, bool]:
+    """(attn_mask, is_causal) of a ``batched_sdpa`` call."""
+    args, kwargs = node.args, node.kwargs
+    mask = kwargs["attn_mask"] if "attn_mask" in kwargs else (args[3] if len(args) > 3 else None)
+    causal = kwargs["is_causal"] if "is_causal" in kwargs else (args[5] if len(args) > 5 else False)
+    return mask, bool(causal)
+
+
+def _subgraph_fn(
+    target: torch.fx.Node, roots: Sequence[torch.fx.Node], order: dict[torch.fx.Node, int] | None = None
+) -> torch.fx.GraphModule | None:
+    """A module computing ``target`` from ``roots`` (in order) by the nodes between them.
+
+    ``None`` when ``target`` also reads a placeholder, attribute or module that is not a
+    root, or an op that may write in place: then it is not a function of the roots alone.
+    """
+    from diagpass.placement import _mutates
+
+    needed: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    pending = [target]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in roots:
+            continue
+        if node.op not in ("call_function", "call_method") or _mutates(node):
+            return None
+        needed.append(node)
+        pending.extend(node.all_input_nodes)
+    if order is None:
+        order = {n: i for i, n in enumerate(target.graph.nodes)}
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {root: graph.placeholder(f"root{i}") for i, root in enumerate(roots)}
+    for node in sorted(needed, key=order.__getitem__):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[target])
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _is_causal_mask(mask: Any, rows: int, cols: int) -> bool:
+    """Whether ``mask`` is SDPA's ``is_causal`` mask (lower-triangular, square) in every batch/head."""
+    if not isinstance(mask, torch.Tensor) or rows != cols or mask.dim() < 2 or tuple(mask.shape[-2:]) != (rows, cols):
+        return False
+    tril = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, tril.expand_as(mask)))
+    if mask.is_floating_point():
+        keep = torch.where(tril, mask == 0, mask == float("-inf"))
+        return bool(keep.all())
+    return False
+
+
+def use_causal_attention(
+    template: torch.fx.GraphModule, sources: Callable[[int], Sequence[torch.fx.Node]]
+) -> int:
+    """Give ``is_causal=True`` instead of the mask to the template's attention calls whose
+    mask is proven causal for every cell. Run after :func:`use_batched_attention`.
+
+    ``sources(slot)`` are the nodes of the captured graph bound to the template's input
+    ``slot``, one per cell. The proof: each is computed from no graph input at all (only
+    from constants, e.g. HF's mask from ``arange``), so it is evaluated once here; the
+    template's mask expression applied to it gives the lower-triangular mask of a square
+    attention. SDPA then computes the same function with the causal kernel, which skips
+    the masked half instead of reading a mask (DESIGN: attention was 20% of a step).
+    Returns how many calls were rewritten (``counters["diagpass"]["sdpa_causal"]``).
+    """
+    if not CAUSAL_ATTENTION:
+        return 0
+    placeholders = [n for n in template.graph.nodes if n.op == "placeholder"]
+    rewritten = 0
+    for node in template.graph.nodes:
+        if node.op != "call_function" or node.target is not batched_sdpa:
+            continue
+        mask, causal = _mask_arg(node)
+        if causal or not isinstance(mask, torch.fx.Node):
+            continue
+        q, k = (node.args[0], node.args[1])
+        q_val, k_val = (n.meta.get("val", n.meta.get("example_value")) for n in (q, k))
+        if not isinstance(q_val, torch.Tensor) or not isinstance(k_val, torch.Tensor):
+            continue
+        rows, cols = q_val.shape[-2], k_val.shape[-2]
+        roots = [p for p in placeholders if _depends_on(mask, p)]
+        if len(roots) != 1 or rows != cols:
+            continue
+        expression = _subgraph_fn(mask, roots)
+        bound = list(dict.fromkeys(sources(placeholders.index(roots[0]))))  # distinct, in order
+        if expression is None or not bound:
+            continue
+        proven = True
+        order = {n: i for i, n in enumerate(bound[0].graph.nodes)}
+        for source in bound:
+            make = _subgraph_fn(source, [], order)
+            if make is None:
+                proven = False
+                break
+            with torch.no_grad():
+                if not _is_causal_mask(expression(make()), rows, cols):
+                    proven = False
+                    break
+        if not proven:
+            continue
+        args = list(node.args)
+        kwargs = dict(node.kwargs)
+        if len(args) > 3:
+            args[3] = None
+        kwargs["attn_mask"] = None
+        if len(args) > 5:
+            args[5] = True
+        else:
+            kwargs["is_causal"] = True
+        node.args, node.kwargs = tuple(args), kwargs
+        rewritten += 1
+    if rewritten:
+        template.recompile()
+        counters["diagpass"]["sdpa_causal"] += rewritten
+    return rewritten
+
+
+def _depends_on(node: torch.fx.Node, root: torch.fx.Node) -> bool:
+    pending, seen = [node], set()
+    while pending:
+        n = pending.pop()
+        if n is root:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        pending.extend(n.all_input_nodes)
+    return False
 
 
 def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:

@@ -25,8 +25,9 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
+from diagpass import placement
 from diagpass.config import DiagbatchConfig
-from diagpass.lower import StepCompiler, use_batched_attention
+from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
 
@@ -237,10 +238,11 @@ def build_program(
             stack_ids[slot] = stack_index[members]
         module = build_template_module(template, bindings, gm)
         use_batched_attention(module)
+        causal = use_causal_attention(module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells])
         plans.append(
             _VariantPlan(
                 template=module,
-                key=template.key,
+                key=template.key + (":causal" if causal else ""),
                 slot_kinds=list(template.slot_kinds),
                 in_dims=[None if k == "shared" else 0 for k in template.slot_kinds],
                 layers=layers,
@@ -288,6 +290,8 @@ def build_program(
             continue
         t = max((time_of.get(i, 0) for i in node.all_input_nodes), default=0)
         time_of[node] = t + (t % 2)
+    if placement.LATE:  # the prologue of a segment just before its first step (diagpass.placement)
+        counters["diagpass"]["placed_late"] += placement.place_late(nodes, cell_of, time_of)
     for node in nodes:  # the theorem, once more, on the actual node times
         cell = cell_of.get(node)
         if cell is not None:
