@@ -34,17 +34,19 @@ import diagpass
 from diagpass import lower, models
 from diagpass.config import parse_options
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"fuse": False, "causal": False, "late": False},
     "fuse": {"fuse": True, "causal": False, "late": False},
     "causal": {"fuse": False, "causal": True, "late": False},
     "late": {"fuse": False, "causal": False, "late": True},
     "late_causal": {"fuse": False, "causal": True, "late": True},
     "all": {"fuse": True, "causal": True, "late": True},
+    "all_cg": {"fuse": True, "causal": True, "late": True, "options": {"cudagraphs": True}},
 }
 """fuse: diagpass.fuse (GEMMs sharing an input); causal: masks proven causal become
-is_causal=True (lower.use_causal_attention); late: the prologue of a segment just before its
-first step (diagpass.placement)."""
+is_causal=True (lower.use_causal_attention) and the unread mask inputs are dropped
+(placement.unused_slots); late: the prologue of a segment just before its first step
+(diagpass.placement); options: extra diagbatch options (e.g. CUDA graphs)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,6 +190,7 @@ def set_variant(spec: dict[str, Any]) -> None:
 
     lower.FUSE_GEMMS = bool(spec["fuse"])
     lower.CAUSAL_ATTENTION = bool(spec["causal"])
+    placement.DROP_UNUSED = bool(spec.get("drop", spec["causal"]))
     placement.LATE = bool(spec["late"])
 
 
@@ -363,7 +366,7 @@ def e2e_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> None
         set_variant(VARIANTS[name])
         t0 = time.perf_counter()
         with torch.no_grad():
-            fn = diagbatch(gm, inputs, options=options)
+            fn = diagbatch(gm, inputs, options={**options, **VARIANTS[name].get("options", {})})
         record = diagpass.last_compile()
         assert record is not None and record.applied, record and record.reason
         with torch.no_grad():

@@ -334,6 +334,20 @@ class StepCompiler:
     ) -> CompiledStep:
         from torch._inductor.compile_fx import compile_fx
 
+        # Inputs the step does not read arrive as None (runtime: "unused" slots); trace without them.
+        present = [i for i, a in enumerate(args) if a is not None]
+        pruned = len(present) < len(args)
+        if pruned:
+            full, total = batched, len(args)
+
+            def batched(*given: Any) -> Any:
+                values: list[Any] = [None] * total
+                for i, value in zip(present, given):
+                    values[i] = value
+                return full(*values)
+
+            args = [args[i] for i in present]
+            static = [static[i] for i in present] if static else static
         with torch.no_grad():
             aten = make_fx(batched, tracing_mode="fake")(*args)
         makers: list[FusedWeight] = []
@@ -346,7 +360,13 @@ class StepCompiler:
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)
 
-        if makers:
+        if pruned:
+
+            def run(*step_args: Any) -> Any:
+                given = [step_args[i] for i in present]
+                return compiled(*given, *(make(given) for make in makers))
+
+        elif makers:
 
             def run(*step_args: Any) -> Any:
                 return compiled(*step_args, *(make(step_args) for make in makers))

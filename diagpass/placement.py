@@ -24,10 +24,13 @@ from typing import Any
 
 import torch.fx
 
-__all__ = ["LATE", "place_late", "has_mutation"]
+__all__ = ["LATE", "DROP_UNUSED", "place_late", "has_mutation", "unused_slots", "erase_unread"]
 
 LATE = True
 """Place the nodes that feed a cell as late as possible (off: as early as possible)."""
+
+DROP_UNUSED = True
+"""Pass nothing for cell inputs the template does not read, and drop what computed them."""
 
 _MUTATING = {operator.setitem, operator.delitem}
 _OPERATOR_INPLACE = {
@@ -90,3 +93,36 @@ def place_late(
             time_of[node] = latest
             moved += 1
     return moved
+
+
+def unused_slots(template: torch.fx.GraphModule, slot_kinds: Sequence[str]) -> list[str]:
+    """``slot_kinds`` with ``"unused"`` for the cell inputs the template no longer reads.
+
+    A mask proven causal (``lower.use_causal_attention``) leaves its slot unread: the
+    step then takes ``None`` there, nothing is gathered for it, and the nodes that only
+    computed it are dropped from the program (:func:`erase_unread`). Weights keep their
+    kind: their stacks are built once.
+    """
+    placeholders = [n for n in template.graph.nodes if n.op == "placeholder"]
+    return [
+        "unused" if kind in ("per_cell", "shared") and not placeholder.users else kind
+        for placeholder, kind in zip(placeholders, slot_kinds)
+    ]
+
+
+def erase_unread(graph: torch.fx.Graph, roots: Sequence[torch.fx.Node]) -> int:
+    """Erase ``roots`` and their inputs, transitively, where nothing reads them any more
+    and they write nothing. Returns how many nodes were erased."""
+    pending = list(dict.fromkeys(roots))
+    erased: set[torch.fx.Node] = set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.graph is not graph or node.users:
+            continue
+        if node.op not in ("call_function", "call_method") or _mutates(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        pending.extend(inputs)
+    return len(erased)

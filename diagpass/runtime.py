@@ -122,6 +122,8 @@ class StepRunner(torch.nn.Module):
             if kind == "shared":
                 args.append(inputs[cursor])
                 cursor += 1
+            elif kind == "unused":  # no longer read by the template (diagpass.placement.unused_slots)
+                args.append(None)
             elif kind == "per_cell":
                 values = inputs[cursor : cursor + num_cells]
                 cursor += num_cells
@@ -222,6 +224,7 @@ def build_program(
     stack_members: list[list[torch.fx.Node]] = []
     stack_index: dict[tuple[torch.fx.Node, ...], int] = {}
     plans: list[_VariantPlan] = []
+    unread: list[torch.fx.Node] = []  # captured nodes bound to slots no template reads
     for template in templates.templates:
         layers = sorted({layer for layer, _ in template.cells})
         stack_ids: dict[int, int] = {}
@@ -239,12 +242,16 @@ def build_program(
         module = build_template_module(template, bindings, gm)
         use_batched_attention(module)
         causal = use_causal_attention(module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells])
+        slot_kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
+        for slot, kind in enumerate(slot_kinds):
+            if kind == "unused":
+                unread.extend(bindings[c].inputs[slot] for c in template.cells)
         plans.append(
             _VariantPlan(
                 template=module,
                 key=template.key + (":causal" if causal else ""),
-                slot_kinds=list(template.slot_kinds),
-                in_dims=[None if k == "shared" else 0 for k in template.slot_kinds],
+                slot_kinds=list(slot_kinds),  # type: ignore[arg-type]
+                in_dims=[0 if k in ("per_cell", "by_layer") else None for k in slot_kinds],
                 layers=layers,
                 stack_ids=stack_ids,
             )
@@ -355,6 +362,7 @@ def build_program(
         emitted_steps += 1
     output = next(n for n in nodes if n.op == "output")
     graph.node_copy(output, lambda n: env[n])
+    counters["diagpass"]["unread_nodes_erased"] += placement.erase_unread(graph, [env[n] for n in unread if n in env])
     graph.lint()
     for node in outside:  # attributes and submodules the copied nodes read
         if node.op in ("get_attr", "call_module"):
