@@ -104,22 +104,31 @@ class _Member:
     n: int
 
 
+def _weak_by_id() -> Any:
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    return WeakIdKeyDictionary()
+
+
+_FUSED_STACKS: Any = _weak_by_id()
+"""First member stack -> {ids of all member stacks: (their stamp, their concatenation)}. Shared by every
+compiled step, so each set of stacks is concatenated once; an entry dies with its stack."""
+
+
 class FusedWeight:
     """Makes one fused weight argument from the step's arguments.
 
     ``positions`` are the argument indices of the member weights, in concatenation
     order. When every member is the same window ``base[a:a+G]`` of its stack ``base``
     (the runtime's copy-free diagonal slice), the stacks are concatenated once into
-    ``[L, sum N, K]`` and cached, and the call returns the window ``[a:a+G]`` of that:
+    ``[L, sum N, K]`` and cached (for every step that reads the same stacks), and the
+    call returns the window ``[a:a+G]`` of that:
     no copy per step. Otherwise (e.g. a gathered, non-contiguous set of layers) it
     concatenates the members themselves, which is correct but copies.
     """
 
     def __init__(self, positions: Sequence[int]) -> None:
         self.positions = tuple(positions)
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        self._cache: Any = WeakIdKeyDictionary()  # first stack -> (stamp, fused stacks)
 
     @staticmethod
     def _window(member: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -145,15 +154,19 @@ class FusedWeight:
         if all(w is not None for w in windows) and len(starts) == 1:
             bases = [w[0] for w in windows]  # type: ignore[index]
             stamp = tuple((id(b), b.data_ptr(), b._version, tuple(b.shape), b.dtype) for b in bases)
-            entry = self._cache.get(bases[0])
-            if entry is None or entry[0] != stamp:
+            entries = _FUSED_STACKS.get(bases[0])
+            if entries is None:
+                entries = _FUSED_STACKS[bases[0]] = {}
+            ids = tuple(id(b) for b in bases)
+            entry = entries.get(ids)
+            if entry is None or entry[0] != stamp:  # new stacks, or updated in place: (re)build
+                entries.clear()  # a stale concatenation is never read again
                 with torch.no_grad():
-                    fused = torch.cat(bases, dim=1)  # [L, sum N, K], once per stack
-                entry = (stamp, fused)
-                self._cache[bases[0]] = entry
+                    entry = entries[ids] = (stamp, torch.cat(bases, dim=1))  # [L, sum N, K]
                 counters["diagpass"]["fused_weight_builds"] += 1
+            fused = entry[1]
             start = starts.pop()
-            return entry[1][start : start + members[0].shape[0]]
+            return fused[start : start + members[0].shape[0]]
         counters["diagpass"]["fused_weight_copies"] += 1
         with torch.no_grad():
             return torch.cat(members, dim=1)

@@ -33,8 +33,12 @@ __all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_ge
 
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
 
-FUSE_GEMMS = True
-"""Fuse the batched GEMMs that share their input (:mod:`diagpass.fuse`) in Inductor steps."""
+FUSE_GEMMS = False
+"""Fuse the batched GEMMs that share their input (:mod:`diagpass.fuse`) in Inductor steps.
+
+Off: on the H100 (Llama-3.2-1B shapes) it gained nothing measurable (cuBLAS already runs
+the separate q/k/v GEMMs near its peak; 16K end to end 110.6 ms fused against 108.9 ms not,
+benchmarks/RESULTS.md) and it keeps a second copy of the fused weights."""
 
 CAUSAL_ATTENTION = True
 """Let :func:`use_causal_attention` replace masks proven causal by ``is_causal=True``."""
