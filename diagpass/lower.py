@@ -24,13 +24,24 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from diagpass.config import DiagbatchConfig
+from diagpass.fuse import FusedWeight, fuse_horizontal_gemms
 from diagpass.ops import SDPA_TARGETS, batched_sdpa, sdpa_supported
 
 log = logging.getLogger("diagpass.lower")
 
-__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms"]
+__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms", "use_causal_attention"]
 
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
+
+FUSE_GEMMS = False
+"""Fuse the batched GEMMs that share their input (:mod:`diagpass.fuse`) in Inductor steps.
+
+Off: on the H100 (Llama-3.2-1B shapes) it gained nothing measurable (cuBLAS already runs
+the separate q/k/v GEMMs near its peak; 16K end to end 110.6 ms fused against 108.9 ms not,
+benchmarks/RESULTS.md) and it keeps a second copy of the fused weights."""
+
+CAUSAL_ATTENTION = True
+"""Let :func:`use_causal_attention` replace masks proven causal by ``is_causal=True``."""
 
 
 def use_batched_attention(template: torch.fx.GraphModule) -> int:
@@ -47,6 +58,140 @@ def use_batched_attention(template: torch.fx.GraphModule) -> int:
         template.recompile()
         counters["diagpass"]["sdpa_batched"] += rewritten
     return rewritten
+
+
+def _mask_arg(node: torch.fx.Node) -> tuple[Any, bool]:
+    """(attn_mask, is_causal) of a ``batched_sdpa`` call."""
+    args, kwargs = node.args, node.kwargs
+    mask = kwargs["attn_mask"] if "attn_mask" in kwargs else (args[3] if len(args) > 3 else None)
+    causal = kwargs["is_causal"] if "is_causal" in kwargs else (args[5] if len(args) > 5 else False)
+    return mask, bool(causal)
+
+
+def _subgraph_fn(
+    target: torch.fx.Node, roots: Sequence[torch.fx.Node], order: dict[torch.fx.Node, int] | None = None
+) -> torch.fx.GraphModule | None:
+    """A module computing ``target`` from ``roots`` (in order) by the nodes between them.
+
+    ``None`` when ``target`` also reads a placeholder, attribute or module that is not a
+    root, or an op that may write in place: then it is not a function of the roots alone.
+    """
+    from diagpass.placement import _mutates
+
+    needed: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    pending = [target]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in roots:
+            continue
+        if node.op not in ("call_function", "call_method") or _mutates(node):
+            return None
+        needed.append(node)
+        pending.extend(node.all_input_nodes)
+    if order is None:
+        order = {n: i for i, n in enumerate(target.graph.nodes)}
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {root: graph.placeholder(f"root{i}") for i, root in enumerate(roots)}
+    for node in sorted(needed, key=order.__getitem__):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[target])
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _is_causal_mask(mask: Any, rows: int, cols: int) -> bool:
+    """Whether ``mask`` is SDPA's ``is_causal`` mask (lower-triangular, square) in every batch/head."""
+    if not isinstance(mask, torch.Tensor) or rows != cols or mask.dim() < 2 or tuple(mask.shape[-2:]) != (rows, cols):
+        return False
+    tril = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, tril.expand_as(mask)))
+    if mask.is_floating_point():
+        keep = torch.where(tril, mask == 0, mask == float("-inf"))
+        return bool(keep.all())
+    return False
+
+
+def use_causal_attention(
+    template: torch.fx.GraphModule, sources: Callable[[int], Sequence[torch.fx.Node]]
+) -> int:
+    """Give ``is_causal=True`` instead of the mask to the template's attention calls whose
+    mask is proven causal for every cell. Run after :func:`use_batched_attention`.
+
+    ``sources(slot)`` are the nodes of the captured graph bound to the template's input
+    ``slot``, one per cell. The proof: each is computed from no graph input at all (only
+    from constants, e.g. HF's mask from ``arange``), so it is evaluated once here; the
+    template's mask expression applied to it gives the lower-triangular mask of a square
+    attention. SDPA then computes the same function with the causal kernel, which skips
+    the masked half instead of reading a mask (DESIGN: attention was 20% of a step).
+    Returns how many calls were rewritten (``counters["diagpass"]["sdpa_causal"]``).
+    """
+    if not CAUSAL_ATTENTION:
+        return 0
+    placeholders = [n for n in template.graph.nodes if n.op == "placeholder"]
+    rewritten = 0
+    for node in template.graph.nodes:
+        if node.op != "call_function" or node.target is not batched_sdpa:
+            continue
+        mask, causal = _mask_arg(node)
+        if causal or not isinstance(mask, torch.fx.Node):
+            continue
+        q, k = (node.args[0], node.args[1])
+        q_val, k_val = (n.meta.get("val", n.meta.get("example_value")) for n in (q, k))
+        if not isinstance(q_val, torch.Tensor) or not isinstance(k_val, torch.Tensor):
+            continue
+        rows, cols = q_val.shape[-2], k_val.shape[-2]
+        roots = [p for p in placeholders if _depends_on(mask, p)]
+        if len(roots) != 1 or rows != cols:
+            continue
+        expression = _subgraph_fn(mask, roots)
+        bound = list(dict.fromkeys(sources(placeholders.index(roots[0]))))  # distinct, in order
+        if expression is None or not bound:
+            continue
+        proven = True
+        order = {n: i for i, n in enumerate(bound[0].graph.nodes)}
+        for source in bound:
+            make = _subgraph_fn(source, [], order)
+            if make is None:
+                proven = False
+                break
+            with torch.no_grad():
+                if not _is_causal_mask(expression(make()), rows, cols):
+                    proven = False
+                    break
+        if not proven:
+            continue
+        args = list(node.args)
+        kwargs = dict(node.kwargs)
+        if len(args) > 3:
+            args[3] = None
+        kwargs["attn_mask"] = None
+        if len(args) > 5:
+            args[5] = True
+        else:
+            kwargs["is_causal"] = True
+        node.args, node.kwargs = tuple(args), kwargs
+        rewritten += 1
+    if rewritten:
+        template.recompile()
+        counters["diagpass"]["sdpa_causal"] += rewritten
+    return rewritten
+
+
+def _depends_on(node: torch.fx.Node, root: torch.fx.Node) -> bool:
+    pending, seen = [node], set()
+    while pending:
+        n = pending.pop()
+        if n is root:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        pending.extend(n.all_input_nodes)
+    return False
 
 
 def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:
@@ -166,6 +311,7 @@ class StepCompiler:
             devices,
             config.compiler,
             config.cudagraphs,
+            FUSE_GEMMS,
             tuple(sorted(config.inductor.items())),
         )
         step = self._cache.get(cache_key)
@@ -179,7 +325,7 @@ class StepCompiler:
             fn = single_cell(template, in_dims) if batch == 1 else batched
             step = CompiledStep(fn=fn, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
-            step = self._inductor(batched, args, batch, config, start)
+            step = self._inductor(batched, args, batch, config, start, static)
         if config.cudagraphs and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
@@ -195,21 +341,56 @@ class StepCompiler:
 
     @staticmethod
     def _inductor(
-        batched: Callable[..., Any], args: Sequence[Any], batch: int, config: DiagbatchConfig, start: float
+        batched: Callable[..., Any],
+        args: Sequence[Any],
+        batch: int,
+        config: DiagbatchConfig,
+        start: float,
+        static: Sequence[bool] = (),
     ) -> CompiledStep:
         from torch._inductor.compile_fx import compile_fx
 
+        # Inputs the step does not read arrive as None (runtime: "unused" slots); trace without them.
+        present = [i for i, a in enumerate(args) if a is not None]
+        pruned = len(present) < len(args)
+        if pruned:
+            full, total = batched, len(args)
+
+            def batched(*given: Any) -> Any:
+                values: list[Any] = [None] * total
+                for i, value in zip(present, given):
+                    values[i] = value
+                return full(*values)
+
+            args = [args[i] for i in present]
+            static = [static[i] for i in present] if static else static
         with torch.no_grad():
             aten = make_fx(batched, tracing_mode="fake")(*args)
+        makers: list[FusedWeight] = []
+        if FUSE_GEMMS and static:
+            aten, makers = fuse_horizontal_gemms(aten, static)
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
         patches = dict(config.inductor)
-        example = list(args)
+        example = [*args, *(make(args) for make in makers)]
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)
 
-        def run(*step_args: Any) -> Any:
-            return compiled(*step_args)
+        if pruned:
+
+            def run(*step_args: Any) -> Any:
+                given = [step_args[i] for i in present]
+                return compiled(*given, *(make(given) for make in makers))
+
+        elif makers:
+
+            def run(*step_args: Any) -> Any:
+                return compiled(*step_args, *(make(step_args) for make in makers))
+
+        else:
+
+            def run(*step_args: Any) -> Any:
+                return compiled(*step_args)
 
         return CompiledStep(
             fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten

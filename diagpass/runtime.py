@@ -25,8 +25,9 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
+from diagpass import placement
 from diagpass.config import DiagbatchConfig
-from diagpass.lower import StepCompiler, use_batched_attention
+from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
 
@@ -123,6 +124,8 @@ class StepRunner(torch.nn.Module):
             if kind == "shared":
                 args.append(inputs[cursor])
                 cursor += 1
+            elif kind == "unused":  # no longer read by the template (diagpass.placement.unused_slots)
+                args.append(None)
             elif kind == "per_cell":
                 values = inputs[cursor : cursor + num_cells]
                 cursor += num_cells
@@ -224,6 +227,7 @@ def build_program(
     stack_members: list[list[torch.fx.Node]] = []
     stack_index: dict[tuple[torch.fx.Node, ...], int] = {}
     plans: list[_VariantPlan] = []
+    unread: list[torch.fx.Node] = []  # captured nodes bound to slots no template reads
     for template in templates.templates:
         layers = sorted({layer for layer, _ in template.cells})
         stack_ids: dict[int, int] = {}
@@ -240,12 +244,17 @@ def build_program(
             stack_ids[slot] = stack_index[members]
         module = build_template_module(template, bindings, gm)
         use_batched_attention(module)
+        causal = use_causal_attention(module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells])
+        slot_kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
+        for slot, kind in enumerate(slot_kinds):
+            if kind == "unused":
+                unread.extend(bindings[c].inputs[slot] for c in template.cells)
         plans.append(
             _VariantPlan(
                 template=module,
-                key=template.key,
-                slot_kinds=list(template.slot_kinds),
-                in_dims=[None if k == "shared" else 0 for k in template.slot_kinds],
+                key=template.key + (":causal" if causal else ""),
+                slot_kinds=list(slot_kinds),  # type: ignore[arg-type]
+                in_dims=[0 if k in ("per_cell", "by_layer") else None for k in slot_kinds],
                 layers=layers,
                 stack_ids=stack_ids,
             )
@@ -291,6 +300,8 @@ def build_program(
             continue
         t = max((time_of.get(i, 0) for i in node.all_input_nodes), default=0)
         time_of[node] = t + (t % 2)
+    if placement.LATE:  # the prologue of a segment just before its first step (diagpass.placement)
+        counters["diagpass"]["placed_late"] += placement.place_late(nodes, cell_of, time_of)
     for node in nodes:  # the theorem, once more, on the actual node times
         cell = cell_of.get(node)
         if cell is not None:
@@ -354,6 +365,7 @@ def build_program(
         emitted_steps += 1
     output = next(n for n in nodes if n.op == "output")
     graph.node_copy(output, lambda n: env[n])
+    counters["diagpass"]["unread_nodes_erased"] += placement.erase_unread(graph, [env[n] for n in unread if n in env])
     graph.lint()
     for node in outside:  # attributes and submodules the copied nodes read
         if node.op in ("get_attr", "call_module"):

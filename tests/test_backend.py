@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -369,3 +371,151 @@ def test_new_length_compiles_no_new_step() -> None:
     assert counters["diagpass"]["step_compiles"] == compiles
     assert counters["diagpass"]["step_cache_hits"] > hits
     assert max_rel_err(actual, expected) < 1e-5
+
+
+# --- step optimisations (diagpass.placement, lower.use_causal_attention, diagpass.fuse) -------------
+
+
+def test_causal_mask_is_proven_dropped_and_exact() -> None:
+    """HF's mask is built from constants: the steps attend causally and never read it."""
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    record = compile_and_compare(model, _ids(2, 60, vocab=model.config.vocab_size))
+    _assert_diagonal(record, layers=len(model.layers), segments=4)
+    assert counters["diagpass"]["sdpa_causal"] == counters["diagpass"]["sdpa_batched"] > 0
+    assert counters["diagpass"]["unread_nodes_erased"] > 0  # the per-segment mask computations
+    program = record.program
+    assert program is not None
+    assert all("unused" in plan.slot_kinds for plan in program.runner.plans)
+
+
+def test_prologue_runs_just_before_its_first_step() -> None:
+    """Segment s's embedding is computed after step 0 has been issued, not all up front."""
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    record = compile_and_compare(model, _ids(1, 64, vocab=model.config.vocab_size))
+    assert counters["diagpass"]["placed_late"] > 0
+    program = record.program
+    assert program is not None
+    nodes = list(program.module.graph.nodes)
+    steps = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == "steps"]
+    embeddings = [i for i, n in enumerate(nodes) if n.op == "call_function" and n.target is torch.nn.functional.embedding]
+    assert len(embeddings) == 4
+    assert embeddings[0] < steps[0] < embeddings[1] < embeddings[2] < embeddings[3]
+
+
+def test_placement_keeps_early_order_with_in_place_ops() -> None:
+    from diagpass.placement import has_mutation
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_method("add_", (x, 1))
+    z = graph.call_function(torch.add, (x, 1))
+    graph.output((y, z))
+    assert has_mutation(list(graph.nodes), {})
+    assert not has_mutation([z], {})
+
+
+def _sdpa_template(T: int) -> torch.fx.GraphModule:
+    from diagpass.ops import batched_sdpa
+
+    graph = torch.fx.Graph()
+    q, k, v, mask = (graph.placeholder(name) for name in ("q", "k", "v", "mask"))
+    for node in (q, k, v):
+        node.meta["val"] = torch.empty(1, 2, T, 8)
+    out = graph.call_function(batched_sdpa, (q, k, v), {"attn_mask": mask, "is_causal": False})
+    graph.output((out,))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize("which,proven", [("causal", True), ("full", False), ("window", False), ("data", False)])
+def test_use_causal_attention_needs_a_constant_causal_mask(which: str, proven: bool) -> None:
+    from diagpass.lower import use_causal_attention
+
+    T = 6
+
+    # As Dynamo records HF's mask: ops on constants only (no graph input), except "data".
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    ones = graph.call_function(torch.ones, (T, T), {"dtype": torch.bool})
+    lower_tri = graph.call_method("tril", (ones,))
+    window = graph.call_function(operator.and_, (lower_tri, graph.call_method("triu", (ones, -2))))
+    data = graph.call_function(operator.gt, (x, 0))
+    sources = {"causal": lower_tri, "full": ones, "window": window, "data": data}
+    nodes = {name: graph.call_function(operator.getitem, (node, (None, None))) for name, node in sources.items()}
+    graph.output(tuple(nodes.values()))
+    source = nodes[which]
+    template = _sdpa_template(T)
+    q, k, v = (torch.randn(1, 2, T, 8) for _ in range(3))
+    mask = {"causal": torch.ones(T, T, dtype=torch.bool).tril()}.get(which, torch.ones(T, T, dtype=torch.bool))
+    expected = template(q, k, v, mask[None, None])[0]
+    assert use_causal_attention(template, lambda slot: [source]) == int(proven)
+    assert counters["diagpass"]["sdpa_causal"] == int(proven)
+    if proven:
+        assert torch.allclose(template(q, k, v, None)[0], expected, atol=1e-6)
+
+
+def test_fused_gemms_match_separate_ones() -> None:
+    """The fusion pass on a real batched step graph: same values, fewer GEMMs, weights concatenated once."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from diagpass import lower
+    from diagpass.backend import step_compiler
+    from diagpass.fuse import fuse_horizontal_gemms
+
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    calls = []
+    original = step_compiler.get
+
+    def record(**kw):  # type: ignore[no-untyped-def]
+        calls.append(kw)
+        return original(**kw)
+
+    step_compiler.get = record  # type: ignore[method-assign]
+    try:
+        compile_and_compare(model, _ids(1, 48, vocab=model.config.vocab_size), options={"compiler": "eager", "pad": "max"})
+    finally:
+        step_compiler.get = original  # type: ignore[method-assign]
+    call = calls[-1]
+    args, static = call["args"], call["static"]
+    batched = lower.batched_template(call["template"], call["in_dims"])
+    present = [i for i, a in enumerate(args) if a is not None]
+    given = [args[i] for i in present]
+
+    def step(*xs):  # type: ignore[no-untyped-def]
+        full = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return batched(*full)
+
+    with torch.no_grad():
+        reference = make_fx(step, tracing_mode="fake")(*given)
+        graph = make_fx(step, tracing_mode="fake")(*given)
+        before = lower.count_batched_gemms(graph)
+        graph, makers = fuse_horizontal_gemms(graph, [static[i] for i in present])
+        assert counters["diagpass"]["fused_gemms"] >= 5  # q/k/v, gate/up or W_mk/W_mv
+        assert lower.count_batched_gemms(graph) < before
+        for node in graph.graph.nodes:
+            assert node.op == "output" or isinstance(node.meta.get("val"), torch.Tensor) or node.meta.get("val") is not None
+        outputs = graph(*given, *(make(given) for make in makers))
+        builds = counters["diagpass"]["fused_weight_builds"]
+        outputs_again = graph(*given, *(make(given) for make in makers))
+        assert counters["diagpass"]["fused_weight_builds"] == builds  # cached: no copy per step
+        for got, again, want in zip(outputs, outputs_again, reference(*given)):
+            assert max_rel_err(got, want) <= 1e-6
+            assert torch.equal(got, again)
+        window = given[makers[0].positions[0]]
+        window._base.mul_(1.0)  # an in-place update of the stack: the concatenation is rebuilt
+        makers[0](given)
+        assert counters["diagpass"]["fused_weight_builds"] == builds + 1
+
+
+@pytest.mark.slow
+def test_inductor_fused_gemms_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diagpass import lower
+
+    monkeypatch.setattr(lower, "FUSE_GEMMS", True)
+    model = models.build_armt(segment_size=16, num_mem_tokens=4, d_mem=8)
+    record = compile_and_compare(
+        model, _ids(1, 60, vocab=model.config.vocab_size), options={"compiler": "inductor", "pad": "max"}
+    )
+    _assert_diagonal(record, layers=len(model.layers), segments=4)
+    assert counters["diagpass"]["gemm_fusions"] > 0 and counters["diagpass"]["fused_weight_builds"] > 0
