@@ -31,7 +31,8 @@ import torch
 import torch.fx
 
 from diagpass.config import DiagbatchConfig
-from diagpass.lower import StepCompiler, use_batched_attention
+from diagpass import placement
+from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
 from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _pad, _VariantPlan
@@ -136,7 +137,13 @@ class RerolledProgram:
         for name, template in (("steady", steady_t), ("first", first_t)):
             module = build_template_module(template, templates.bindings, gm)
             use_batched_attention(module)
-            self._plans[name] = self._variant_plan(template.key, module, template.slot_kinds, template.cells)
+            # A mask proven causal for every cell of the probe becomes is_causal (lower.py): the
+            # template stops reading it, and the chunks stop computing it (_build_form).
+            cells = template.cells
+            causal = use_causal_attention(module, lambda slot, cells=cells: [templates.bindings[c].inputs[slot] for c in cells])
+            kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
+            key = template.key + (":causal" if causal else "")
+            self._plans[name] = self._variant_plan(key, module, list(kinds), template.cells)
         self._member_keys = [k for members in self._stack_members for k in members]
         offset = 0
         layouts = []
@@ -145,12 +152,25 @@ class RerolledProgram:
             offset += len(members)
         self.stacks = WeightStacks(layouts)
 
+        # ("P", r) reads of a unit after the first, as (r, layer of the reading cell).
+        self._next_reads = [
+            (ref[1], layer)
+            for layer in range(self.num_layers)
+            for node in templates.bindings[(layer, 1)].inputs
+            for ref in [self._to_ref(node, 1, plan.steady)]
+            if ref[0] == "P"
+        ]
         self._forms = {
             "first": self._build_form("first", plan.first, 0, [c for c in first_cells], literals=plan.first.literals),
             "steady": self._build_form(
                 "steady", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits
             ),
         }
+        # A short last segment runs the template as captured (its mask is not proven causal at
+        # other lengths), so its unit computes every slot: the steady nodes, all slots read.
+        self._forms["tail"] = self._build_form(
+            "tail", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits, all_slots=True
+        )
         self._pre = self._build_outer("pre")
         self._post = self._build_outer("post")
         self._layouts: OrderedDict[tuple[int, int], _Layout] = OrderedDict()
@@ -176,7 +196,7 @@ class RerolledProgram:
             template=module,
             key=key,
             slot_kinds=list(slot_kinds),
-            in_dims=[None if k == "shared" else 0 for k in slot_kinds],
+            in_dims=[0 if k in ("per_cell", "by_layer") else None for k in slot_kinds],
             layers=list(range(self.num_layers)),
             stack_ids=stack_ids,
         )
@@ -203,8 +223,10 @@ class RerolledProgram:
         *,
         literals: list[int] | None = None,
         fits: list[Fit] | None = None,
+        all_slots: bool = False,
     ) -> _Form:
         split = self.plan.split
+        kinds = self._steady_template.slot_kinds if all_slots else self._plans["first" if name == "first" else "steady"].slot_kinds
         nodes = split.units[segment]
         cell_layer: list[int | None] = [op[4] for op in form.form]
         # Phase of each position: a cell of layer l at 2l+1, other nodes at the even time after their inputs.
@@ -229,19 +251,21 @@ class RerolledProgram:
             cell_inputs.append(refs)
             cell_outputs.append([split.position[n] for n in binding.outputs])
 
-        # Readers of each position: own unit (at their phase), next unit (its cells), post.
+        # Readers of each position: own unit (at their phase; cells through the slots their
+        # template still reads), the next unit's cells (the state), post.
         last_read: dict[int, int] = {}
         for pos, refs in enumerate(form.refs):
-            for ref in refs:
-                if ref[0] == "L":
-                    last_read[ref[1]] = max(last_read.get(ref[1], -1), phase[pos])
-        steady = self.plan.steady
-        exports = self.plan.exports[name]
-        for pos, refs in enumerate(steady.refs):  # the next unit is always a steady one
-            for ref in refs:
-                if ref[0] == "P":
-                    mine = exports[ref[1]]
-                    last_read[mine] = max(last_read.get(mine, -1), phase_of_next(steady, pos) + 2)
+            if cell_layer[pos] is None:
+                for ref in refs:
+                    if ref[0] == "L":
+                        last_read[ref[1]] = max(last_read.get(ref[1], -1), phase[pos])
+        for layer, refs in enumerate(cell_inputs):
+            for ref, kind in zip(refs, kinds):
+                if ref[0] == "L" and kind != "unused":
+                    last_read[ref[1]] = max(last_read.get(ref[1], -1), 2 * layer + 1)
+        exports = self.plan.exports["first" if name == "first" else "steady"]
+        for rank, layer in self._next_reads:  # the next unit's cells read this unit's state
+            last_read[exports[rank]] = max(last_read.get(exports[rank], -1), 2 * layer + 3)
         collect: dict[int, list[int]] = {}
         for index, (p0, p) in enumerate(self._collect_refs):
             collect.setdefault(p0 if name == "first" else p, []).append(index)
@@ -255,7 +279,8 @@ class RerolledProgram:
         for pos, layer in enumerate(cell_layer):
             if layer is None:
                 by_phase.setdefault(phase[pos], []).append(pos)
-        needed_outside = set(last_read) | set(collect) | (self._last_needed if name == "steady" else set())
+        read_later = {pos for pos, when in last_read.items() if when > phase[pos]}  # not only in its own chunk
+        needed_outside = read_later | set(collect) | (self._last_needed if name != "first" else set())
         chunks = {
             ph: self._build_chunk(nodes, form, positions, phase, needed_outside, literals=literals, fits=fits)
             for ph, positions in by_phase.items()
@@ -325,6 +350,7 @@ class RerolledProgram:
             env[pos] = new
         outputs = [p for p in positions if p in needed_outside]
         graph.output(tuple(env[p] for p in outputs))
+        graph.eliminate_dead_code()  # e.g. a mask no template reads any more
         module = torch.fx.GraphModule(self.gm, graph, class_name="SegmentChunk")
         return _Chunk(module=module, ext=ext, outputs=outputs)
 
@@ -408,8 +434,8 @@ class RerolledProgram:
         plan = _VariantPlan(
             template=module,
             key=f"{template.key}|n={n}",
-            slot_kinds=base.slot_kinds,
-            in_dims=base.in_dims,
+            slot_kinds=list(template.slot_kinds),  # every slot read: the mask is not proven causal at n
+            in_dims=[0 if k in ("per_cell", "by_layer") else None for k in template.slot_kinds],
             layers=base.layers,
             stack_ids=base.stack_ids,
             config=dataclasses.replace(self.config, compiler=self.config.short_tail)
@@ -474,8 +500,12 @@ class RerolledProgram:
         L = self.num_layers
         T = self.segment_size
 
+        short = last != T
+
         def form_of(s: int) -> _Form:
-            return self._forms["first" if s == 0 else "steady"]
+            if s == 0:
+                return self._forms["first"]
+            return self._forms["tail" if short and s == segments - 1 else "steady"]
 
         def resolve(ref: Ref, s: int) -> Any:
             kind = ref[0]
@@ -563,11 +593,3 @@ class RerolledProgram:
             peak_live_segments=peak_live,
         )
         return tuple(outputs), stats
-
-
-def phase_of_next(steady: UnitForm, pos: int) -> int:
-    """Phase, in the next unit, of the cell at ``pos`` of the steady form."""
-    layer = steady.form[pos][4]
-    if layer is None:
-        raise RerollError("a node outside the layers reads the previous segment")
-    return 2 * layer + 1
