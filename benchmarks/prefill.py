@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model-max-len", type=int, default=4096, help="longest input for the whole-model compile peer")
     p.add_argument("--options", default="{}", help="JSON options for diagbatch")
+    p.add_argument(
+        "--diag-via",
+        default="backend",
+        choices=["backend", "compile"],
+        help="diagbatch through torch.compile (traces every length: minutes at 131K) or through "
+        "diagpass.compile (a 3-segment probe traced once; the same steps)",
+    )
     p.add_argument("--mode", default=None, help="torch.compile mode for diagbatch")
     p.add_argument("--compiler", default=None, choices=["inductor", "eager"], help="step compiler (tiny: eager)")
     p.add_argument("--keep-lm-head", action="store_true", help="keep the LM head (default: Identity, as DESIGN §3)")
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print("env:", json.dumps(env))
     rows: list[dict[str, Any]] = []
     layer_compiled = None
+    anylength = None
     for tokens in s["lengths"]:
         ids = torch.randint(0, s["config"].vocab_size, (args.batch, tokens), device=device)
         flops = armt_flops(s["config"], tokens, s["segment"], s["mem"], s["d_mem"], args.batch)
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 measure("eager", lambda: armt(ids))
             for name, schedule in (("diagbatch", "diagonal"), ("ablation", "sequential")):
                 if name not in peers:
+                    continue
+                if name == "diagbatch" and args.diag_via == "compile":
+                    anylength = measure_anylength(armt, ids, s, options, anylength, measure, result, args)
                     continue
                 torch._dynamo.reset()
                 # torch.compile takes mode= or options=, not both: a mode uses the default options.
@@ -302,6 +313,43 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
+
+
+def measure_anylength(
+    armt: Any,
+    ids: torch.Tensor,
+    s: dict[str, Any],
+    options: dict[str, Any],
+    anylength: Any,
+    measure: Callable[..., None],
+    result: dict[str, Any],
+    args: argparse.Namespace,
+) -> Any:
+    """diagbatch through ``diagpass.compile``: compiled once on a 3-segment probe, reused."""
+    probe_s = None
+    if anylength is None:
+        probe = torch.randint(0, s["config"].vocab_size, (ids.shape[0], 3 * s["segment"]), device=ids.device)
+        t0 = time.perf_counter()
+        anylength = diagpass.compile(armt, probe, options=options)
+        probe_s = time.perf_counter() - t0
+    with sdpa_context(args.sdpa):
+        measure("diagbatch", lambda: anylength(ids), compile_fn=lambda: anylength(ids))
+    run = anylength.report.runs[-1]
+    result["diagbatch"].update(
+        applied=run.path == "diagonal",
+        reason=run.reason,
+        via="diagpass.compile",
+        probe_compile_s=probe_s,
+        steps=run.stats.steps if run.stats else None,
+        step_compile_s=run.stats.compile_s if run.stats else None,
+    )
+    if args.profile:
+        result["profile"] = profile_split(lambda: anylength(ids))
+        print(f"  {ids.shape[1]:>7} profile    {result['profile']['split']}", flush=True)
+    if args.check:
+        result["check"] = bf16_check(armt, anylength, ids)
+        print(f"  {ids.shape[1]:>7} check      {result['check']}", flush=True)
+    return anylength
 
 
 def sdpa_context(choice: str) -> Any:
