@@ -397,7 +397,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"diagpass.compile takes an nn.Module, got {type(model).__name__}")
     # Every ramp size is compiled on the first call: fewer, larger step shapes by default.
-    config = parse_options({"min_lanes": 8, **(options or {})})
+    config = parse_options({"min_lanes": 4, **(options or {})})
     if config.schedule != "diagonal":
         raise ConfigError("diagpass.compile runs the diagonal schedule only (schedule='diagonal')")
     report = RerollReport()

@@ -15,7 +15,7 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 
 StepCompiler = Literal["inductor", "eager"]
 Schedule = Literal["diagonal", "sequential"]
-Padding = Literal["none", "pow2", "max"]
+Padding = Literal["none", "pow2", "max", "split"]
 ShortTail = Literal["inductor", "eager"]
 
 
@@ -42,16 +42,18 @@ class DiagbatchConfig:
     """``"diagonal"`` batches the cells of each diagonal. ``"sequential"`` runs one cell
     per step with the same kernels: the ablation that isolates the gain of batching."""
 
-    pad: Padding = "pow2"
-    """Pad a diagonal's batch of cells to bound the number of compiled step shapes:
-    ``"none"`` (one compile per distinct batch size), ``"pow2"`` (next power of two, at
-    most L) or ``"max"`` (always min(L, S); one compile, most wasted work on ramps)."""
+    pad: Padding = "split"
+    """How a diagonal's cells become batched calls, to bound the number of compiled step
+    shapes: ``"split"`` (power-of-two calls, 13 cells = 8 + 4 + 1: no wasted work, at most
+    log2(L)+1 shapes), ``"none"`` (one call, one compile per distinct count), ``"pow2"`` (one
+    call padded to the next power of two) or ``"max"`` (always min(L, S) lanes: one compile,
+    most wasted work on the ramps)."""
 
     min_lanes: int = 1
-    """Pad every padded step to at least this many cells (at most min(L, S)). With ``pad="pow2"``
-    and 16 layers, ``min_lanes=8`` compiles 2 step shapes per template instead of 5, for a few
-    percent of extra work on the ramp diagonals. ``diagpass.compile`` defaults it to 8, since it
-    compiles every ramp size on its first call; the backend to 1."""
+    """The smallest call: fewer cells are padded up to it (at most min(L, S)). With 16 layers
+    and ``pad="split"``, ``min_lanes=4`` compiles 3 step shapes per template instead of 5,
+    for at most 3 wasted cells per ramp diagonal. ``diagpass.compile`` defaults it to 4, since
+    it compiles every ramp size on its first call; the backend to 1."""
 
     short_tail: ShortTail = "eager"
     """``diagpass.compile`` only: how the layers of a last segment shorter than the

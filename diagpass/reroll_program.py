@@ -35,7 +35,7 @@ from diagpass import placement
 from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
-from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _pad, _VariantPlan
+from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups
 
 log = logging.getLogger("diagpass.reroll")
 
@@ -464,16 +464,19 @@ class RerolledProgram:
                 by_variant.setdefault(variant, []).append((layer, s))
             ids = []
             for variant, cells in sorted(by_variant.items()):
-                positions = [layer for layer, _ in cells]
-                group = StepGroup(step=d, variant=variant, cells=cells)
-                # The first segment has one cell per diagonal: never pad it.
-                floor = self.config.min_lanes if variant != 1 else 1
-                lanes_n = _pad(len(cells), min(L, segments), self.config.pad, floor)
-                first = min(positions[0], L - lanes_n)
-                group.lanes = list(range(first, first + lanes_n))
-                group.cell_lane = [p - first for p in positions]
-                ids.append(len(groups))
-                groups.append(group)
+                made = contiguous_groups(
+                    step=d,
+                    variant=variant,
+                    cells=cells,
+                    positions=[layer for layer, _ in cells],
+                    num_layers=L,
+                    limit=min(L, segments),
+                    mode=self.config.pad,
+                    floor=self.config.min_lanes if variant != 1 else 1,  # one first-segment cell per diagonal: never pad
+                )
+                for group in made:
+                    ids.append(len(groups))
+                    groups.append(group)
             by_step.append(ids)
         layout = _Layout(groups=groups, by_step=by_step, runner=StepRunner(groups, plans, self.compiler, self.config))
         self._layouts[key] = layout

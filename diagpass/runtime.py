@@ -197,6 +197,39 @@ def _copy_attr(source: torch.nn.Module, target: torch.nn.Module, dotted: str) ->
         setattr(target, name, value)
 
 
+def contiguous_groups(
+    *, step: int, variant: int, cells: list[Cell], positions: list[int], num_layers: int, limit: int, mode: str, floor: int
+) -> list[StepGroup]:
+    """The batched calls for cells at the contiguous layer ``positions`` of one diagonal.
+
+    One call, padded as ``mode`` says; or, for ``mode="split"``, power-of-two calls of at least
+    ``floor`` cells (13 cells: 8 + 4 + 1 padded to ``floor``), so that little work is wasted
+    with few compiled shapes. Padded lanes repeat a real cell's input; their outputs are dropped.
+    """
+    floor = min(floor, limit)
+    if mode == "split":
+        sizes: list[int] = []
+        rest = len(cells)
+        while rest > 0:
+            size = max(floor, 1 << (rest.bit_length() - 1))
+            sizes.append(size)
+            rest -= min(size, rest)
+    else:
+        sizes = [_pad(len(cells), limit, mode, floor)]
+    groups = []
+    start = 0
+    for size in sizes:
+        take = min(size, len(cells) - start)
+        mine = positions[start : start + take]
+        first = min(mine[0], num_layers - size)
+        group = StepGroup(step=step, variant=variant, cells=cells[start : start + take])
+        group.lanes = list(range(first, first + size))
+        group.cell_lane = [p - first for p in mine]
+        groups.append(group)
+        start += take
+    return groups
+
+
 def _pad(count: int, limit: int, mode: str, floor: int = 1) -> int:
     if mode == "none" or count >= limit:
         return count
@@ -273,18 +306,26 @@ def build_program(
             position = {layer: i for i, layer in enumerate(plan.layers)}
             positions = [position[c[0]] for c in cells]
             contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
-            group = StepGroup(step=step_index, variant=variant, cells=cells, contiguous=contiguous)
             if contiguous:
                 # A diagonal never holds more than min(L, S) cells: pad no further.
-                lanes_n = _pad(len(cells), min(len(plan.layers), labels.num_segments), config.pad, config.min_lanes)
-                first = min(positions[0], len(plan.layers) - lanes_n)
-                group.lanes = list(range(first, first + lanes_n))
-                group.cell_lane = [p - first for p in positions]
+                made = contiguous_groups(
+                    step=step_index,
+                    variant=variant,
+                    cells=cells,
+                    positions=positions,
+                    num_layers=len(plan.layers),
+                    limit=min(len(plan.layers), labels.num_segments),
+                    mode=config.pad,
+                    floor=config.min_lanes,
+                )
             else:
+                group = StepGroup(step=step_index, variant=variant, cells=cells, contiguous=False)
                 group.lanes = positions
                 group.cell_lane = list(range(len(cells)))
-            ids.append(len(groups))
-            groups.append(group)
+                made = [group]
+            for group in made:
+                ids.append(len(groups))
+                groups.append(group)
         groups_of_step.append(ids)
 
     # Time of each node: a step d runs at 2d+1; other nodes at the even time after their inputs.

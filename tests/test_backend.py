@@ -127,7 +127,7 @@ def test_reference_style_sequential_ablation_exact() -> None:
     assert all(len(g.cells) == 1 for g in record.program.groups)
 
 
-@pytest.mark.parametrize("pad", ["none", "pow2", "max"])
+@pytest.mark.parametrize("pad", ["none", "pow2", "max", "split"])
 def test_padding_modes_exact(pad: str) -> None:
     model = ReferenceStyleARMT(layers=5, segment_size=4)
     record = compile_and_compare(model, _ids(2, 26), options={"compiler": "eager", "pad": pad})
@@ -136,7 +136,21 @@ def test_padding_modes_exact(pad: str) -> None:
         assert lanes == {5}
     elif pad == "pow2":
         assert lanes <= {1, 2, 4, 5}
+    elif pad == "split":  # 5 cells = 4 + 1, 3 = 2 + 1: no padding at all
+        assert lanes <= {1, 2, 4} and all(len(g.lanes) == len(g.cells) for g in record.program.groups)
     assert record.step_compiles == len({(g.variant, len(g.lanes)) for g in record.program.groups})
+
+
+def test_split_with_min_lanes_pads_the_remainder() -> None:
+    from diagpass.runtime import contiguous_groups
+
+    cells = [(layer, 20 - layer) for layer in range(13)]
+    groups = contiguous_groups(
+        step=20, variant=0, cells=cells, positions=list(range(13)), num_layers=16, limit=16, mode="split", floor=4
+    )
+    assert [len(g.lanes) for g in groups] == [8, 4, 4]
+    assert [len(g.cells) for g in groups] == [8, 4, 1]
+    assert groups[2].lanes == [12, 13, 14, 15] and groups[2].cell_lane == [0]
 
 
 # --- refuted models and fallbacks ----------------------------------------------------------------
