@@ -34,6 +34,12 @@ class DiagbatchConfig:
     """Capture each compiled step in a CUDA graph (CUDA only; ``mode="reduce-overhead"``
     turns it on)."""
 
+    cudagraph_lanes: int = 0
+    """Replay the compiled steps of at most this many cells from CUDA graphs, whatever
+    ``cudagraphs`` says (0: none). The ramps at the start and end of the diagonal schedule
+    are small steps bound by the host's launch time; full steps are not, and graphs would only
+    add their input copies there."""
+
     compiler: StepCompiler = "inductor"
     """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to
     run the rewritten program without Inductor (debugging, fast CPU tests)."""
@@ -92,9 +98,10 @@ def _check_type(name: str, value: Any) -> Any:
         if bad:
             raise ConfigError(f"diagbatch option 'inductor' has unknown Inductor config keys: {bad}")
         return dict(value)
-    if name in ("min_segments", "min_lanes"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"diagbatch option {name!r} must be an int >= 1, got {value!r}")
+    if name in ("min_segments", "min_lanes", "cudagraph_lanes"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "cudagraph_lanes" else 1):
+            low = 0 if name == "cudagraph_lanes" else 1
+            raise ConfigError(f"diagbatch option {name!r} must be an int >= {low}, got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

@@ -311,6 +311,7 @@ class StepCompiler:
             devices,
             config.compiler,
             config.cudagraphs,
+            config.cudagraph_lanes,
             FUSE_GEMMS,
             tuple(sorted(config.inductor.items())),
         )
@@ -326,7 +327,7 @@ class StepCompiler:
             step = CompiledStep(fn=fn, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
             step = self._inductor(batched, args, batch, config, start, static)
-        if config.cudagraphs and devices == ("cuda",):
+        if (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
         log.info(
