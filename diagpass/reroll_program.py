@@ -269,11 +269,6 @@ class RerolledProgram:
         collect: dict[int, list[int]] = {}
         for index, (p0, p) in enumerate(self._collect_refs):
             collect.setdefault(p0 if name == "first" else p, []).append(index)
-        frees: dict[int, list[int]] = {}
-        for pos in range(len(nodes)):
-            when = max(last_read.get(pos, -1), phase[pos])
-            frees.setdefault(when, []).append(pos)
-
         # Chunks: the nodes outside the layers, grouped by phase.
         by_phase: dict[int, list[int]] = {}
         for pos, layer in enumerate(cell_layer):
@@ -285,6 +280,11 @@ class RerolledProgram:
             ph: self._build_chunk(nodes, form, positions, phase, needed_outside, literals=literals, fits=fits)
             for ph, positions in by_phase.items()
         }
+        # Free only what is ever stored (chunk and cell outputs), after its last reader.
+        stored = {p for chunk in chunks.values() for p in chunk.outputs} | {p for out in cell_outputs for p in out}
+        frees: dict[int, list[int]] = {}
+        for pos in sorted(stored):
+            frees.setdefault(max(last_read.get(pos, -1), phase[pos]), []).append(pos)
         return _Form(
             name=name, chunks=chunks, cell_inputs=cell_inputs, cell_outputs=cell_outputs, frees=frees, collect=collect
         )
