@@ -363,19 +363,10 @@ class AnyLengthModel(torch.nn.Module):
             return self.model.get_buffer(key[1])  # type: ignore[index]
         return getattr(self._modules_by_path[key[1]], key[2])  # type: ignore[index]
 
-    def _value(self, source: Hashable, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:
-        kind, what = source  # type: ignore[misc]
-        if kind == "out":
-            return outputs[what]
-        if kind == "in":
-            return inputs[what]
-        return what
-
     def _write_back(self, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:
-        for (path, name), source in self._mapping.writes.items():
-            setattr(self._modules_by_path[path], name, self._value(source, outputs, inputs))
+        _apply_writes(self._modules_by_path, self._mapping.writes, outputs, inputs)
         sources, spec = self._mapping.returned
-        return pytree.tree_unflatten([self._value(s, outputs, inputs) for s in sources], spec)
+        return pytree.tree_unflatten([_value_of(s, outputs, inputs) for s in sources], spec)
 
 
 def compile(  # noqa: A001 - the public name the issue asks for
@@ -531,12 +522,31 @@ def compile(  # noqa: A001 - the public name the issue asks for
     )
 
 
+def _value_of(source: Hashable, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:
+    """The value a mapped source names: a graph output, a graph input (by key), or a constant."""
+    kind, what = source  # type: ignore[misc]
+    if kind == "out":
+        return outputs[what]
+    if kind == "in":
+        return inputs[what]
+    return what
+
+
+def _apply_writes(
+    modules: dict[str, torch.nn.Module],
+    writes: dict[tuple[str, str], Hashable],
+    outputs: tuple[Any, ...],
+    inputs: dict[Hashable, Any],
+) -> None:
+    """Set the module attributes Dynamo's bytecode would have written after the graph ran."""
+    for (path, name), source in writes.items():
+        setattr(modules[path], name, _value_of(source, outputs, inputs))
+
+
 def _replay_writes(model: torch.nn.Module, mapping: _Mapping, captured: Capture) -> None:
-    modules = dict(model.named_modules(remove_duplicate=False))
-    outputs = captured.outputs[-1]
-    for (path, name), source in mapping.writes.items():
-        kind, what = source  # type: ignore[misc]
-        if kind == "out":
-            setattr(modules[path], name, outputs[what])
-        elif kind == "const":
-            setattr(modules[path], name, what)
+    """Leave the state of the user's probe call (the cut probes ran after it)."""
+    gm = captured.graph_module
+    assert gm is not None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = {mapping.keys[n]: example for n, example in zip(placeholders, captured.example_inputs)}
+    _apply_writes(dict(model.named_modules(remove_duplicate=False)), mapping.writes, captured.outputs[-1], inputs)

@@ -35,7 +35,7 @@ from diagpass import placement
 from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
-from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups
+from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups, step_in_dims
 
 log = logging.getLogger("diagpass.reroll")
 
@@ -161,7 +161,7 @@ class RerolledProgram:
             if ref[0] == "P"
         ]
         self._forms = {
-            "first": self._build_form("first", plan.first, 0, [c for c in first_cells], literals=plan.first.literals),
+            "first": self._build_form("first", plan.first, 0, first_cells, literals=plan.first.literals),
             "steady": self._build_form(
                 "steady", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits
             ),
@@ -196,7 +196,7 @@ class RerolledProgram:
             template=module,
             key=key,
             slot_kinds=list(slot_kinds),
-            in_dims=[0 if k in ("per_cell", "by_layer") else None for k in slot_kinds],
+            in_dims=step_in_dims(slot_kinds),
             layers=list(range(self.num_layers)),
             stack_ids=stack_ids,
         )
@@ -435,7 +435,7 @@ class RerolledProgram:
             template=module,
             key=f"{template.key}|n={n}",
             slot_kinds=list(template.slot_kinds),  # every slot read: the mask is not proven causal at n
-            in_dims=[0 if k in ("per_cell", "by_layer") else None for k in template.slot_kinds],
+            in_dims=step_in_dims(template.slot_kinds),
             layers=base.layers,
             stack_ids=base.stack_ids,
             config=dataclasses.replace(self.config, compiler=self.config.short_tail)

@@ -197,6 +197,11 @@ def _copy_attr(source: torch.nn.Module, target: torch.nn.Module, dotted: str) ->
         setattr(target, name, value)
 
 
+def step_in_dims(slot_kinds: list[str]) -> list[int | None]:
+    """vmap's in_dims for a template's slots: stacked slots along dim 0, the others unbatched."""
+    return [0 if kind in ("per_cell", "by_layer") else None for kind in slot_kinds]
+
+
 def contiguous_groups(
     *, step: int, variant: int, cells: list[Cell], positions: list[int], num_layers: int, limit: int, mode: str, floor: int
 ) -> list[StepGroup]:
@@ -287,7 +292,7 @@ def build_program(
                 template=module,
                 key=template.key + (":causal" if causal else ""),
                 slot_kinds=list(slot_kinds),  # type: ignore[arg-type]
-                in_dims=[0 if k in ("per_cell", "by_layer") else None for k in slot_kinds],
+                in_dims=step_in_dims(slot_kinds),
                 layers=layers,
                 stack_ids=stack_ids,
             )
