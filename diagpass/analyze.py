@@ -8,7 +8,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from diagpass.capture import capture, forget
+from diagpass.capture import capture_whole
 from diagpass.report import DependencyReport, analyze_graph
 
 log = logging.getLogger("diagpass.analyze")
@@ -31,19 +31,7 @@ def analyze(model: Any, /, *args: Any, **kwargs: Any) -> DependencyReport:
     """
     try:
         with torch.no_grad():
-            captured = capture(model, args, kwargs)
-            if captured.has_breaks:
-                # Lazy initialisation breaks only the first trace (transformers 5.x installs its
-                # output_hidden_states hooks on first use), but a break in the segment loop marks
-                # the frame "skip" for good. Clear the marks and trace once more; keep the marks
-                # of a forward that breaks again from leaking into later captures.
-                log.info("analyze: graph breaks on the first trace; tracing once more")
-                first = captured
-                forget(model, first)
-                captured = capture(model, args, kwargs)
-                if captured.has_breaks:
-                    forget(model, first)
-                    forget(model, captured)
+            captured = capture_whole(model, args, kwargs)
     except Exception as error:  # Dynamo failed where eager may not: report it, don't raise
         log.warning("diagpass.analyze: Dynamo could not capture the forward: %s", error)
         return _refuted(f"Dynamo could not capture the forward: {type(error).__name__}: {error}")

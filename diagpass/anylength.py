@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from diagpass.capture import Capture, capture, forget
+from diagpass.capture import Capture, capture_whole
 from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
@@ -229,15 +229,15 @@ def _map_probe(
 
 
 def _capture_once(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Capture, dict[tuple[str, str], Any]]:
-    before = _module_state(model)
+    snapshot: dict[str, dict[tuple[str, str], Any]] = {}
+
+    def take_snapshot() -> None:
+        snapshot["before"] = _module_state(model)
+
     with torch.no_grad():
-        captured = capture(model, args, kwargs)
-        if captured.has_breaks:  # lazy initialisation on the first call: trace once more
-            forget(model, captured)
-            before = _module_state(model)
-            captured = capture(model, args, kwargs)
+        captured = capture_whole(model, args, kwargs, before_each=take_snapshot)
+    before = snapshot["before"]
     if captured.has_breaks or captured.graph_module is None:
-        forget(model, captured)
         reasons = "; ".join(captured.break_reasons[:3]) or "no graph captured"
         raise GeneralisationError(f"the forward does not trace as one graph: {reasons}")
     if len(captured.outputs) != 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch.fx
 
 log = logging.getLogger("diagpass.capture")
 
-__all__ = ["Capture", "capture", "forget", "trace_clock"]
+__all__ = ["Capture", "capture", "capture_whole", "forget", "trace_clock"]
 
 
 @dataclass(kw_only=True)
@@ -145,6 +146,33 @@ def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[st
             if count > unsupported_before.get(reason, 0):
                 result.break_reasons.append(str(reason))
     return result
+
+
+def capture_whole(
+    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, before_each: Callable[[], None] | None = None
+) -> Capture:
+    """:func:`capture`, traced once more if the first trace has graph breaks.
+
+    Lazy initialisation breaks only the first trace (transformers 5.x installs its
+    output-capturing hooks on first use), but a break in the segment loop marks the frame
+    "skip" for good: the marks are cleared before the second trace, and cleared again when
+    that one breaks too, so they do not leak into later captures. ``before_each`` runs
+    before every trace (to snapshot state, say). Call it under ``torch.no_grad()``.
+    """
+    if before_each is not None:
+        before_each()
+    first = capture(model, args, kwargs)
+    if not first.has_breaks:
+        return first
+    log.info("graph breaks on the first trace; tracing once more")
+    forget(model, first)
+    if before_each is not None:
+        before_each()
+    second = capture(model, args, kwargs)
+    if second.has_breaks:
+        forget(model, first)
+        forget(model, second)
+    return second
 
 
 def _seen_codes() -> list[Any]:
