@@ -34,7 +34,7 @@ from diagpass.config import DiagbatchConfig
 from diagpass import placement
 from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
-from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
+from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, per_segment_list, walk_arg
 from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups, step_in_dims
 
 log = logging.getLogger("diagpass.reroll")
@@ -380,11 +380,9 @@ class RerolledProgram:
             raise RerollError(f"{arg.name} is read where it is not computed yet")
 
         def post_arg(arg: Any) -> Any:
-            if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, torch.fx.Node) and a in split.unit_of for a in arg):
-                units = [split.unit_of[a] for a in arg]
-                if units == list(range(len(split.units))):
-                    p0, p = split.position[arg[0]], split.position[arg[1]]
-                    return external(("ALL", p0, p), arg[1].name + "_all")
+            every = per_segment_list(arg, split)
+            if every is not None:
+                return external(("ALL", *every), arg[1].name + "_all")
             if isinstance(arg, torch.fx.Node):
                 return on_node(arg)
             if isinstance(arg, (list, tuple)) and not isinstance(arg, torch.Size):
@@ -396,17 +394,13 @@ class RerolledProgram:
                 return slice(post_arg(arg.start), post_arg(arg.stop), post_arg(arg.step))
             return arg
 
+        for node in split.pre if which == "pre" else split.post:
+            new = graph.create_node(node.op, node.target, post_arg(node.args), post_arg(node.kwargs), name=node.name)
+            new.meta = dict(node.meta)
+            env[node] = new
         if which == "pre":
-            for node in split.pre:
-                new = graph.create_node(node.op, node.target, post_arg(node.args), post_arg(node.kwargs), name=node.name)
-                new.meta = dict(node.meta)
-                env[node] = new
             graph.output(tuple(env[n] for n in split.pre))
         else:
-            for node in split.post:
-                new = graph.create_node(node.op, node.target, post_arg(node.args), post_arg(node.kwargs), name=node.name)
-                new.meta = dict(node.meta)
-                env[node] = new
             assert split.output is not None
             graph.output(post_arg(split.output.args[0]))
         return torch.fx.GraphModule(self.gm, graph, class_name=f"Rerolled{which.title()}"), ext

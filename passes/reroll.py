@@ -47,6 +47,7 @@ __all__ = [
     "fit_affine",
     "walk_arg",
     "find_length_axes",
+    "per_segment_list",
 ]
 
 
@@ -473,18 +474,29 @@ def _simple_refs(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> Calla
     return ref
 
 
+def per_segment_list(arg: Any, split: UnitSplit) -> tuple[int, int] | None:
+    """``(p0, p)`` when ``arg`` lists one value per segment, in order: position ``p0`` of the
+    first unit, then position ``p`` of every other (``torch.cat(all_logits)``); else None."""
+    if not isinstance(arg, (list, tuple)) or not arg:
+        return None
+    if not all(isinstance(a, torch.fx.Node) and a in split.unit_of for a in arg):
+        return None
+    positions = [split.position[a] for a in arg]
+    if [split.unit_of[a] for a in arg] != list(range(len(split.units))) or len(set(positions[1:])) != 1:
+        return None
+    return positions[0], positions[1]
+
+
 def _post_structure(
     arg: Any, split: UnitSplit, keys: dict[torch.fx.Node, Hashable], literals: list[int], where: str, first_form: list[int]
 ) -> Any:
     """Canonical form of a post argument: per-segment lists become ``ALL``, the last unit ``LAST``."""
     last = len(split.units) - 1
     simple = _simple_refs(split, keys)
-    if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, torch.fx.Node) and a in split.unit_of for a in arg):
-        units = [split.unit_of[a] for a in arg]
-        positions = [split.position[a] for a in arg]
-        if units == list(range(len(split.units))) and len(set(positions[1:])) == 1:
-            first_form.append(positions[0])
-            return ("ALL", positions[0], positions[1])
+    every = per_segment_list(arg, split)
+    if every is not None:
+        first_form.append(every[0])
+        return ("ALL", *every)
     if isinstance(arg, torch.fx.Node):
         if arg in split.unit_of:
             if split.unit_of[arg] != last:
