@@ -25,29 +25,15 @@ from typing import Any
 import torch
 
 import diagpass
-from prefill import Timer, build, settings, strip_head  # benchmarks/ is on sys.path when run as a script
+from prefill import Timer, add_model_args, build, settings, strip_head  # benchmarks/ is on sys.path when run as a script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny random Llama, short inputs (smoke test)")
-    p.add_argument("--config", default="llama-1b", choices=["llama-1b", "llama-3b", "tiny"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--lengths", default=None, help="comma-separated token counts, in call order")
-    p.add_argument("--segment", type=int, default=None)
-    p.add_argument("--mem", type=int, default=None)
-    p.add_argument("--d-mem", type=int, default=None)
-    p.add_argument("--compiler", default=None, choices=["inductor", "eager"])
+    add_model_args(p)  # --lengths: the token counts, in call order
     p.add_argument("--probe-segments", type=int, default=3)
-    p.add_argument("--w-mv-std", type=float, default=0.005)
-    p.add_argument("--options", default="{}", help="JSON options for diagpass.compile")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-check", action="store_true", help="skip the comparison with eager")
     p.add_argument("--backend-length", type=int, default=None, help="compare with the torch.compile path here")
-    p.add_argument("--json", default=None)
-    # prefill.settings reads these
-    p.add_argument("--keep-lm-head", action="store_true")
     return p.parse_args(argv)
 
 
@@ -58,7 +44,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.segment_arg = args.segment
     cfg = settings(args)
     if args.lengths is None:
         cfg["lengths"] = [5 * cfg["segment"], 3 * cfg["segment"] + 5, 9 * cfg["segment"]] if cfg["tiny"] else [131072, 65536, 100000]

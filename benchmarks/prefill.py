@@ -37,8 +37,8 @@ from diagpass import models
 PEERS = ("full", "eager", "layers", "model", "diagbatch", "ablation")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model, input and output options every benchmark script shares (read by :func:`settings`)."""
     p.add_argument("--tiny", action="store_true", help="tiny random Llama, short inputs (smoke test)")
     p.add_argument("--config", default="llama-1b", choices=["llama-1b", "llama-3b", "tiny"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -47,15 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segment", type=int, default=None, help="segment length T")
     p.add_argument("--mem", type=int, default=None, help="memory tokens m")
     p.add_argument("--d-mem", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument(
         "--w-mv-std",
         type=float,
         default=0.005,
         help="std of the non-zero W_mv init (larger values make random bf16 ARMT diverge at long inputs)",
     )
-    p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--options", default="{}", help="JSON options for diagbatch / diagpass.compile")
+    p.add_argument("--compiler", default=None, choices=["inductor", "eager"], help="step compiler (tiny: eager)")
+    p.add_argument("--keep-lm-head", action="store_true", help="keep the LM head (default: Identity, as DESIGN §3)")
+    p.add_argument("--json", default=None, help="write results here")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
         "--layers-scope",
@@ -64,7 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what the per-layer peer compiles: the HF decoder layer, or the whole ARMT layer wrapper (memory ops too)",
     )
     p.add_argument("--model-max-len", type=int, default=4096, help="longest input for the whole-model compile peer")
-    p.add_argument("--options", default="{}", help="JSON options for diagbatch")
     p.add_argument(
         "--diag-via",
         default="backend",
@@ -73,9 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "diagpass.compile (a 3-segment probe traced once; the same steps)",
     )
     p.add_argument("--mode", default=None, help="torch.compile mode for diagbatch")
-    p.add_argument("--compiler", default=None, choices=["inductor", "eager"], help="step compiler (tiny: eager)")
-    p.add_argument("--keep-lm-head", action="store_true", help="keep the LM head (default: Identity, as DESIGN §3)")
-    p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--check", action="store_true", help="bf16 error of diagbatch vs eager, next to SDPA-vs-math noise")
     p.add_argument(
         "--sdpa",
