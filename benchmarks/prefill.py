@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     backend_s=record.times.backend_s,
                     capture_s=record.times.capture_s,
                     inductor_s=record.times.inductor_s,
+                    graph=record.program.last_graph if record.program is not None else None,
                 )
                 if args.profile and name == "diagbatch":
                     result["profile"] = profile_split(lambda: compiled(ids))
@@ -347,6 +348,7 @@ def measure_anylength(
         probe_compile_s=probe_s,
         steps=run.stats.steps if run.stats else None,
         step_compile_s=run.stats.compile_s if run.stats else None,
+        graph=run.stats.graph if run.stats else None,
     )
     if args.profile:
         result["profile"] = profile_split(lambda: anylength(ids))

@@ -112,6 +112,7 @@ class RerollReport:
             lines.append(
                 f"  run: {run.tokens} tokens = {run.segments} segments (last {run.last_length}): {run.path}{extra}, "
                 f"{run.wall_s:.3f}s" + (f", compiled {run.stats.compile_s:.2f}s" if run.stats and run.stats.compile_s else "")
+                + (f", CUDA graph: {run.stats.graph}" if run.stats and run.stats.graph != "off" else "")
             )
         return "\n".join(lines)
 

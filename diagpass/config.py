@@ -31,8 +31,17 @@ class DiagbatchConfig:
     """Below this many segments use plain Inductor: there is nothing to batch across."""
 
     cudagraphs: bool = False
-    """Capture each compiled step in a CUDA graph (CUDA only; ``mode="reduce-overhead"``
-    turns it on)."""
+    """Capture each compiled step in its own CUDA graph (CUDA only). Replaces the default
+    whole-program graph (``cudagraph_program``), with input copies at every step."""
+
+    cudagraph_program: bool = True
+    """Replay the whole diagonal program from one CUDA graph per input length (CUDA only):
+    the first call at a length runs it as is, the second captures it, later calls replay
+    it, and the host launches nothing per step. Worth it on the schedule's ramps, where a
+    step holds few cells and is bound by its launches. Costs one capture per length (at
+    most 2 lengths kept) and keeps one run's activations in the graph's memory pool;
+    outputs are copied out of it. Off when ``cudagraphs`` or ``cudagraph_lanes`` capture
+    the steps one by one instead (:mod:`diagpass.graphs`)."""
 
     cudagraph_lanes: int = 0
     """Replay the compiled steps of at most this many cells from CUDA graphs, whatever
@@ -125,13 +134,12 @@ def parse_options(options: dict[str, Any] | None = None, *, mode: str | None = N
         raise ConfigError(f"diagbatch options must be a dict, got {type(options).__name__}")
     values: dict[str, Any] = {"mode": mode}
     inductor: dict[str, Any] = {}
-    if mode == "reduce-overhead":
-        values["cudagraphs"] = True
-    elif mode == "max-autotune":
-        values["cudagraphs"] = True
+    # "reduce-overhead" and "max-autotune" keep the default whole-program CUDA graphs.
+    if mode == "max-autotune":
         inductor["max_autotune"] = True
     elif mode == "max-autotune-no-cudagraphs":
         inductor["max_autotune"] = True
+        values["cudagraph_program"] = False
     for key, value in (options or {}).items():
         if key in _FIELDS and key != "mode":
             if key == "inductor":

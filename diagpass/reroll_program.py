@@ -32,6 +32,7 @@ import torch.fx
 
 from diagpass.config import DiagbatchConfig
 from diagpass import placement
+from diagpass.graphs import program_graphs
 from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, per_segment_list, walk_arg
@@ -82,6 +83,10 @@ class RunStats:
     """Inductor time spent in this run (new step shapes only)."""
     peak_live_segments: int = 0
     """Most segments whose values were alive at once (bounded by L+2, whatever S is)."""
+    graph: str = "off"
+    """How the run used a CUDA graph of the whole program (:class:`~diagpass.graphs.ProgramGraphs`):
+    ``"off"``, ``"warm-up"`` (first call at this length), ``"captured"``, ``"replayed"`` or
+    ``"uncaptured: <reason>"``."""
 
 
 @dataclass(kw_only=True)
@@ -175,6 +180,8 @@ class RerolledProgram:
         self._post = self._build_outer("post")
         self._layouts: OrderedDict[tuple[int, int], _Layout] = OrderedDict()
         self._tail_plans: dict[int, _VariantPlan] = {}
+        self._key_order: dict[frozenset[Hashable], list[Hashable]] = {}
+        self.graphs = program_graphs(config, name="diagpass.compile program")
 
     # -- construction -------------------------------------------------------------------------
 
@@ -481,17 +488,46 @@ class RerolledProgram:
     # -- running ------------------------------------------------------------------------------
 
     def run(self, inputs: dict[Hashable, Any], segments: int, last: int) -> tuple[tuple[Any, ...], RunStats]:
-        """The graph's outputs for ``segments`` segments, the last of length ``last``."""
+        """The graph's outputs for ``segments`` segments, the last of length ``last``.
+
+        With ``cudagraph_program`` on (the default) and CUDA inputs, the second call with
+        the same ``(segments, last)`` and input layouts captures the whole run in a CUDA
+        graph and later calls replay it (:mod:`diagpass.graphs`); ``RunStats.graph`` says which.
+        """
         if segments < 2:
             raise RerollError("the rerolled program needs at least 2 segments")
         if last != self.segment_size and not self.plan.short_tail:
             raise RerollError("a short last segment was not proven for this model")
+        # Outside any graph: restacking (new weights) happens here, and a replay sees the new
+        # stack as a moved argument and captures again instead of reading a stale copy.
+        stacks = self.stacks(*[inputs[k] for k in self._member_keys])
+        if self.graphs is None:
+            outputs, stats = self._run(inputs, stacks, segments, last)
+            return outputs, dataclasses.replace(stats, graph="off")
+        keys = self._input_order(inputs)
+        values = [inputs[k] for k in keys] + list(stacks)
+
+        def program(*args: Any) -> tuple[tuple[Any, ...], RunStats]:
+            return self._run(dict(zip(keys, args)), list(args[len(keys) :]), segments, last)
+
+        outputs, stats, how = self.graphs(program, values, key=(segments, last, tuple(keys)))
+        fresh = how not in ("replayed", "captured")  # a graph's stats are its capture run's
+        return outputs, dataclasses.replace(stats, graph=how, compile_s=stats.compile_s if fresh else 0.0)
+
+    def _input_order(self, inputs: dict[Hashable, Any]) -> list[Hashable]:
+        keys = self._key_order.get(frozenset(inputs))
+        if keys is None:
+            keys = self._key_order[frozenset(inputs)] = sorted(inputs, key=repr)
+        return keys
+
+    def _run(
+        self, inputs: dict[Hashable, Any], stacks: list[torch.Tensor], segments: int, last: int
+    ) -> tuple[tuple[Any, ...], RunStats]:
         layout = self._layout(segments, last)
         runner = layout.runner
         compile_before = runner.compile_s
         pre_module, pre_ext = self._pre
         pre_values = pre_module(*[inputs[r[1]] for r in pre_ext])
-        stacks = self.stacks(*[inputs[k] for k in self._member_keys])
         envs: dict[int, dict[int, Any]] = {}
         collected: list[list[Any]] = [[None] * segments for _ in self._collect_refs]
         L = self.num_layers
@@ -534,7 +570,13 @@ class RerolledProgram:
 
         last_time = 2 * (segments - 1) + 2 * L
         peak_live = 0
+        # Under torch.profiler each time gets a range ("diagpass.t<t>"): benchmarks/timeline.py
+        # attributes the device's idle gaps to them. Off the profiler this costs one check a run.
+        profiling = torch.autograd.profiler._is_profiler_enabled
         for t in range(last_time + 1):
+            region = torch.profiler.record_function(f"diagpass.t{t}") if profiling else None
+            if region is not None:
+                region.__enter__()
             lo, hi = max(0, (t - 2 * L + 1) // 2), min(segments - 1, t // 2)
             if t % 2 == 0:
                 for s in range(lo, hi + 1):
@@ -571,6 +613,8 @@ class RerolledProgram:
             peak_live = max(peak_live, len(envs))
             for s in [s for s in envs if s < lo and s != segments - 1]:
                 del envs[s]  # every reader of this unit has run
+            if region is not None:
+                region.__exit__(None, None, None)
         post_module, post_ext = self._post
         post_inputs = []
         for ref in post_ext:

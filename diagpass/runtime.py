@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 
 from diagpass import placement
 from diagpass.config import DiagbatchConfig
+from diagpass.graphs import ProgramGraphs, program_graphs
 from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
@@ -178,9 +179,24 @@ class DiagonalProgram:
     """Steps of the schedule."""
     runner: StepRunner
     stacks: WeightStacks
+    member_args: list[int] | None = None
+    """Argument index of each weight-stack member, when every member is an argument: the
+    stacks are then built outside ``module`` and passed after the arguments (``None``: the
+    module builds them itself)."""
+    graphs: ProgramGraphs | None = None
+    """Whole-program CUDA graphs (``cudagraph_program``); needs ``member_args``."""
+    last_graph: str = "off"
+    """How the last call used them (:meth:`ProgramGraphs.__call__`)."""
 
     def __call__(self, *args: Any) -> Any:
-        return self.module(*args)
+        if self.member_args is None:
+            return self.module(*args)
+        # Outside any graph: new weights restack here, and a replay then captures again.
+        stacks = self.stacks(*[args[i] for i in self.member_args])
+        if self.graphs is None:
+            return self.module(*args, *stacks)
+        outputs, _, self.last_graph = self.graphs(lambda *a: (self.module(*a), None), [*args, *stacks])
+        return outputs
 
 
 def _copy_attr(source: torch.nn.Module, target: torch.nn.Module, dotted: str) -> None:
@@ -375,10 +391,17 @@ def build_program(
     root.add_module("steps", runner)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in nodes:
-        if node.op == "placeholder":
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    member_args: list[int] | None = None
+    if all(m.op == "placeholder" for m in member_nodes):
+        # The stacks arrive as arguments after the graph's own: DiagonalProgram builds them
+        # outside the module, and so outside a CUDA graph of it.
+        member_args = [placeholders.index(m) for m in member_nodes]
+        stacks_node: Any = [graph.placeholder(f"weight_stack_{i}") for i in range(len(layouts))]
+    else:
+        stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
 
     def emit_step(step_index: int) -> None:
         for group_id in groups_of_step[step_index]:
@@ -420,4 +443,12 @@ def build_program(
     counters["diagpass"]["programs"] += 1
     counters["diagpass"]["groups"] += len(groups)
     log.debug("built a program of %d steps, %d groups in %.3fs", len(schedule), len(groups), time.perf_counter() - start)
-    return DiagonalProgram(module=module, groups=groups, num_steps=len(schedule), runner=runner, stacks=stacks)
+    return DiagonalProgram(
+        module=module,
+        groups=groups,
+        num_steps=len(schedule),
+        runner=runner,
+        stacks=stacks,
+        member_args=member_args,
+        graphs=program_graphs(config, name="diagbatch program") if member_args is not None else None,
+    )

@@ -253,7 +253,12 @@ def test_bad_options_are_clear_errors(options: dict, needle: str) -> None:
 
 
 def test_parse_options_modes() -> None:
-    assert diagpass.parse_options(None, mode="reduce-overhead").cudagraphs
+    overhead = diagpass.parse_options(None, mode="reduce-overhead")
+    assert overhead.cudagraph_program and not overhead.cudagraphs  # one graph per program, not per step
+    assert not diagpass.parse_options(None, mode="max-autotune-no-cudagraphs").cudagraph_program
+    assert not diagpass.parse_options({"cudagraph_program": False}).cudagraph_program
+    with pytest.raises(diagpass.ConfigError, match="cudagraph_program"):
+        diagpass.parse_options({"cudagraph_program": 1})
     config = diagpass.parse_options({"max_autotune": True, "strict": True}, mode=None)
     assert config.strict and config.inductor == {"max_autotune": True}
     assert diagpass.parse_options(None, mode="max-autotune").inductor["max_autotune"]

@@ -38,3 +38,97 @@ def test_gpu_zoo_armt_bf16_within_sequential_noise() -> None:
         model, _ids(1, 150, vocab=model.config.vocab_size), options={"compiler": "inductor"}
     )
     assert record.applied and eager_err > 0
+
+
+# --- whole-program CUDA graphs (diagpass.graphs, option cudagraph_program) ---------------------------
+
+
+def test_program_graphs_replay_refills_and_copies_out() -> None:
+    """Warm-up, capture, replay; new inputs each call are read through the graph's buffers,
+    weights in place; outputs are copies, so the next replay does not change them."""
+    from diagpass.graphs import ProgramGraphs
+
+    graphs = ProgramGraphs(name="test")
+    weight = torch.randn(16, 16, device="cuda")
+
+    def program(x: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor], int]:
+        return (torch.relu(x @ w) + 1,), 7
+
+    hows, kept = [], []
+    for i in range(4):
+        x = torch.randn(8, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+        (out,), info, how = graphs(program, [x, weight], key="k")
+        hows.append(how)
+        assert info == 7
+        torch.testing.assert_close(out, torch.relu(x @ weight) + 1)
+        kept.append((out, torch.relu(x @ weight) + 1))
+    assert hows == ["warm-up", "captured", "replayed", "replayed"]
+    for out, want in kept:  # earlier results survived later replays
+        torch.testing.assert_close(out, want)
+    with torch.no_grad():
+        moved = weight.clone()  # a weight at a new address: captured again, never read stale
+    x = torch.randn(8, 16, device="cuda")
+    (out,), _, how = graphs(program, [x, moved], key="k")
+    assert how == "warm-up"
+    torch.testing.assert_close(out, torch.relu(x @ moved) + 1)
+
+
+def test_program_graphs_failed_capture_runs_uncaptured() -> None:
+    from diagpass.graphs import ProgramGraphs
+
+    graphs = ProgramGraphs(name="test")
+
+    def syncs(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x * float(x.sum().item()), None  # a host sync: not capturable
+
+    x = torch.ones(4, device="cuda")
+    hows = [graphs(syncs, [x.clone()], key=0)[2] for _ in range(3)]
+    assert hows[0] == "warm-up" and all(h.startswith("uncaptured: CUDA graph capture failed") for h in hows[1:])
+    out, _, _ = graphs(syncs, [x.clone()], key=0)
+    torch.testing.assert_close(out, x * 4)
+
+
+def test_any_length_program_graph_exact() -> None:
+    """diagpass.compile on CUDA: the second call at a length captures, later calls replay; each
+    call (new ids every time) matches eager, outputs and state, also after a weight update."""
+    import diagpass
+    from tests.helpers import logits_of, max_rel_err, state_of
+
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8, device="cuda")
+    vocab = model.config.vocab_size
+    fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "inductor"})
+    hows = []
+    for i, length in enumerate([56, 56, 56, 56, 53, 53, 53]):
+        if i == 3:
+            with torch.no_grad():
+                next(model.parameters()).mul_(1.01)  # in place: restacked, captured again
+        ids = torch.randint(0, vocab, (1, length), device="cuda")
+        with torch.no_grad():
+            expected = logits_of(model(ids)).clone()
+            expected_state = state_of(model)
+            actual = logits_of(fast(ids))
+        hows.append(fast.report.runs[-1].stats.graph)
+        assert max_rel_err(actual, expected) <= 1e-4, (i, hows)
+        for got, want in zip(state_of(model), expected_state):
+            assert max_rel_err(got, want) <= 1e-4
+    assert hows[:3] == ["warm-up", "captured", "replayed"], hows
+    assert hows[4:] == ["warm-up", "captured", "replayed"], hows
+
+
+def test_backend_program_graph_exact() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=8, width=32, heads=4).cuda()
+    compiled = torch.compile(model, backend="diagbatch", dynamic=False, options={"compiler": "inductor"})
+    from diagpass import last_compile
+    from tests.helpers import logits_of, max_rel_err
+
+    hows = []
+    for seed in range(4):
+        ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.no_grad():
+            expected = logits_of(model(ids)).clone()
+            actual = logits_of(compiled(ids))
+        program = last_compile().program
+        hows.append(program.last_graph)
+        assert max_rel_err(actual, expected) <= 1e-4
+    assert program.member_args is not None
+    assert hows[1:] == ["captured", "replayed", "replayed"], hows

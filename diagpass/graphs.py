@@ -1,0 +1,206 @@
+"""Replay a whole diagonal program from one CUDA graph per input layout.
+
+A diagonal program issues S+L-1 batched steps and the small ops between them from
+Python. On the ramps at the start and the end of the schedule a step holds few cells,
+and the host takes longer to launch it than the device takes to run it: the device
+waits (about 40 ms of a 0.64 s forward at 131K tokens on an H100,
+``benchmarks/timeline.py``). Capturing the whole forward once and replaying it takes
+the host out of the loop.
+
+:class:`ProgramGraphs` keys graphs by the layout of the program's arguments (shapes,
+strides, dtypes, the non-tensor values) plus the caller's key (e.g. the segment count):
+
+* the first call with a key runs the program as is (it compiles new steps, warms up);
+* the second captures it in a CUDA graph and replays it. Arguments whose address changed
+  between the two calls (the input ids, state from the last call) are read from buffers
+  of the graph's own, refilled before each replay; the others (weights, weight stacks) are
+  read in place, and a replay checks that they did not move (else it captures again);
+* later calls replay. Outputs are copied out of the graph's memory pool, so a result
+  never changes under the caller's hands at the next replay.
+
+A capture that fails (an op that synchronises, say) is logged, its reason kept in
+:attr:`ProgramGraphs.failures`, and that key runs uncaptured from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch._dynamo.utils import counters
+
+from diagpass.config import DiagbatchConfig
+
+log = logging.getLogger("diagpass.graphs")
+
+__all__ = ["ProgramGraphs", "program_graphs"]
+
+Program = Callable[..., tuple[Any, Any]]
+"""``program(*args) -> (outputs, info)``: ``outputs`` a pytree of tensors, ``info`` host-side."""
+
+
+@dataclass(kw_only=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    args: list[Any]
+    """What the captured program reads: a graph-owned buffer or the caller's tensor."""
+    refill: list[bool]
+    """Per argument: copied into ``args[i]`` before each replay."""
+    addresses: list[int | None]
+    """Per argument read in place: its address at capture."""
+    outputs: Any
+    info: Any
+
+
+def _layout(value: Any) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.device, value.storage_offset())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("V", value)
+    return ("O", type(value).__name__, id(value))
+
+
+def _address(value: Any) -> int | None:
+    return value.data_ptr() if isinstance(value, torch.Tensor) else None
+
+
+def _copy_out(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+class ProgramGraphs:
+    """CUDA graphs of one program, by argument layout. See the module docstring."""
+
+    def __init__(self, *, name: str, max_graphs: int = 2) -> None:
+        self.name = name
+        self.max_graphs = max_graphs
+        """Graphs kept (least recently used dropped): each holds its activations' memory."""
+        self.captures = 0
+        self.replays = 0
+        self.failures: dict[Hashable, str] = {}
+        """Keys whose capture failed, and why."""
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._seen: dict[Hashable, list[int | None]] = {}  # key -> argument addresses of its last uncaptured call
+        self._pool: Any = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, program: Program, args: Sequence[Any], *, key: Hashable = ()) -> tuple[Any, Any, str]:
+        """``program(*args)``, through a graph where possible.
+
+        Returns ``(outputs, info, how)``, ``how`` one of ``"replayed"``, ``"captured"``
+        (captured now, then replayed), ``"warm-up"`` (first call with this layout) or
+        ``"uncaptured: <reason>"``.
+        """
+        full_key = (key, tuple(_layout(a) for a in args))
+        entry = self._graphs.get(full_key)
+        if entry is not None:
+            if self._refill(entry, args):
+                self._graphs.move_to_end(full_key)
+                entry.graph.replay()
+                self.replays += 1
+                counters["diagpass"]["program_graph_replays"] += 1
+                return pytree.tree_map(_copy_out, entry.outputs), entry.info, "replayed"
+            log.info("%s: a tensor read in place moved (new weights?): capturing again", self.name)
+            del self._graphs[full_key]
+            self._seen[full_key] = [_address(a) for a in args]
+            outputs, info = program(*args)
+            return outputs, info, "warm-up"
+        if full_key in self.failures:
+            outputs, info = program(*args)
+            return outputs, info, f"uncaptured: {self.failures[full_key]}"
+        reason = self._not_capturable(args)
+        if reason is not None:
+            outputs, info = program(*args)
+            return outputs, info, f"uncaptured: {reason}"
+        seen = self._seen.get(full_key)
+        if seen is None:
+            self._seen[full_key] = [_address(a) for a in args]
+            outputs, info = program(*args)
+            return outputs, info, "warm-up"
+        entry = self._capture(program, args, seen, full_key)
+        if entry is None:
+            outputs, info = program(*args)
+            return outputs, info, f"uncaptured: {self.failures[full_key]}"
+        entry.graph.replay()
+        return pytree.tree_map(_copy_out, entry.outputs), entry.info, "captured"
+
+    @staticmethod
+    def _not_capturable(args: Sequence[Any]) -> str | None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not tensors or any(t.device.type != "cuda" for t in tensors):
+            return "not every tensor argument is on a CUDA device"
+        if torch.cuda.is_current_stream_capturing():
+            return "called inside another CUDA graph capture"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return "autograd is on"
+        return None
+
+    def _refill(self, entry: _Graph, args: Sequence[Any]) -> bool:
+        """Copy the changing arguments into the graph's buffers; False if an in-place one moved."""
+        for value, address, refill in zip(args, entry.addresses, entry.refill):
+            if not refill and address is not None and value.data_ptr() != address:
+                return False
+        for buffer, value, refill in zip(entry.args, args, entry.refill):
+            if refill and buffer is not value:
+                buffer.copy_(value)
+        return True
+
+    def _capture(self, program: Program, args: Sequence[Any], seen: list[int | None], key: Hashable) -> _Graph | None:
+        # An argument that kept its address since the last call (weights, their stacks) is read
+        # in place; one that moved (the input, state from the last call) gets a buffer.
+        refill = [isinstance(a, torch.Tensor) and a.data_ptr() != old for a, old in zip(args, seen)]
+        static = [
+            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a) if r else a
+            for a, r in zip(args, refill)
+        ]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs, info = program(*static)
+        except Exception as error:  # e.g. an op that synchronises with the host
+            torch.cuda.synchronize()
+            self.failures[key] = f"CUDA graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            counters["diagpass"]["program_graph_failures"] += 1
+            log.warning("%s: %s; running without a graph for this input layout", self.name, self.failures[key])
+            return None
+        entry = _Graph(
+            graph=graph,
+            args=static,
+            refill=refill,
+            addresses=[None if r else _address(a) for a, r in zip(args, refill)],
+            outputs=outputs,
+            info=info,
+        )
+        self._graphs[key] = entry
+        self._seen.pop(key, None)
+        self.captures += 1
+        counters["diagpass"]["program_graph_captures"] += 1
+        log.info(
+            "%s: captured a CUDA graph (%d of %d arguments refilled per call)", self.name, sum(refill), len(args)
+        )
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def clear(self) -> None:
+        """Drop every graph (and its memory)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+
+def program_graphs(config: DiagbatchConfig, *, name: str) -> ProgramGraphs | None:
+    """The program's graphs, or ``None`` where ``config`` turns them off or there is no CUDA."""
+    if not config.cudagraph_program or config.cudagraphs or config.cudagraph_lanes:
+        return None  # per-step graphs (their own option) cannot be captured inside a program graph
+    if not torch.cuda.is_available():
+        return None
+    return ProgramGraphs(name=name)
