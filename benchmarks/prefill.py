@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--peers", default=",".join(PEERS))
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed calls after the first (diagbatch: a watched run, then the CUDA-graph capture)"
+    )
     p.add_argument(
         "--layers-scope",
         default="decoder",

@@ -25,6 +25,7 @@ A capture that fails (an op that synchronises, say) is logged, its reason kept i
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -109,9 +110,7 @@ class ProgramGraphs:
                 return pytree.tree_map(_copy_out, entry.outputs), entry.info, "replayed"
             log.info("%s: a tensor read in place moved (new weights?): capturing again", self.name)
             del self._graphs[full_key]
-            self._seen[full_key] = [_address(a) for a in args]
-            outputs, info = program(*args)
-            return outputs, info, "warm-up"
+            return self._warm_up(program, args, full_key)
         if full_key in self.failures:
             outputs, info = program(*args)
             return outputs, info, f"uncaptured: {self.failures[full_key]}"
@@ -121,15 +120,40 @@ class ProgramGraphs:
             return outputs, info, f"uncaptured: {reason}"
         seen = self._seen.get(full_key)
         if seen is None:
-            self._seen[full_key] = [_address(a) for a in args]
-            outputs, info = program(*args)
-            return outputs, info, "warm-up"
+            return self._warm_up(program, args, full_key)
         entry = self._capture(program, args, seen, full_key)
         if entry is None:
             outputs, info = program(*args)
             return outputs, info, f"uncaptured: {self.failures[full_key]}"
         entry.graph.replay()
         return pytree.tree_map(_copy_out, entry.outputs), entry.info, "captured"
+
+    def _warm_up(self, program: Program, args: Sequence[Any], key: Hashable) -> tuple[Any, Any, str]:
+        """Run uncaptured, watching for host syncs: a capture that fails leaves the CUDA RNG
+        in capture mode, so a program that synchronises is never captured at all."""
+        compiles = counters["diagpass"]["step_compiles"]
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outputs, info = program(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        for w in caught:
+            if w not in syncs:  # not ours to swallow
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if counters["diagpass"]["step_compiles"] != compiles:
+            return outputs, info, "warm-up"  # compiling syncs: watch the next call instead
+        if syncs:
+            where = f"{syncs[0].filename}:{syncs[0].lineno}"
+            self.failures[key] = f"the program synchronises with the host ({where})"
+            counters["diagpass"]["program_graph_refusals"] += 1
+            log.warning("%s: not captured: %s", self.name, self.failures[key])
+            return outputs, info, f"uncaptured: {self.failures[key]}"
+        self._seen[key] = [_address(a) for a in args]
+        return outputs, info, "warm-up"
 
     @staticmethod
     def _not_capturable(args: Sequence[Any]) -> str | None:
@@ -166,8 +190,9 @@ class ProgramGraphs:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 outputs, info = program(*static)
-        except Exception as error:  # e.g. an op that synchronises with the host
+        except Exception as error:  # e.g. an op the warm-up's sync check did not see
             torch.cuda.synchronize()
+            _end_rng_capture()
             self.failures[key] = f"CUDA graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             counters["diagpass"]["program_graph_failures"] += 1
             log.warning("%s: %s; running without a graph for this input layout", self.name, self.failures[key])
@@ -195,6 +220,22 @@ class ProgramGraphs:
         """Drop every graph (and its memory)."""
         self._graphs.clear()
         self._seen.clear()
+
+
+def _end_rng_capture() -> None:
+    """Take the CUDA RNG out of capture mode after a failed capture.
+
+    ``CUDAGraph.capture_end`` raises before it ends the generators' capture when the
+    stream capture was invalidated, and every later random op then fails ("Offset
+    increment outside graph capture"). An empty capture begins and ends it again.
+    """
+    try:
+        empty = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(empty):
+            pass
+        del empty
+    except Exception as error:  # pragma: no cover - logged, nothing more to do
+        log.warning("could not reset the CUDA RNG after a failed capture: %s", error)
 
 
 def program_graphs(config: DiagbatchConfig, *, name: str) -> ProgramGraphs | None:
