@@ -231,8 +231,10 @@ def _end_rng_capture() -> None:
     """
     try:
         empty = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(empty):
-            pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "The CUDA Graph is empty": it is meant to be
+            with torch.cuda.graph(empty):
+                pass
         del empty
     except Exception as error:  # pragma: no cover - logged, nothing more to do
         log.warning("could not reset the CUDA RNG after a failed capture: %s", error)

@@ -113,11 +113,12 @@ def test_any_length_program_graph_exact() -> None:
     model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8, device="cuda")
     vocab = model.config.vocab_size
     fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "inductor"})
+    layer_weight = next(p for n, p in model.named_parameters() if ".layers.1." in n and p.dim() == 2)
     hows = []
     for i, length in enumerate([56, 56, 56, 56, 56, 53, 53, 53, 53]):
         if i == 4:
             with torch.no_grad():
-                next(model.parameters()).mul_(1.01)  # in place: restacked, captured again
+                layer_weight.mul_(1.01)  # in place: restacked, captured again
         ids = torch.randint(0, vocab, (1, length), device="cuda")
         with torch.no_grad():
             expected = logits_of(model(ids)).clone()
@@ -129,7 +130,7 @@ def test_any_length_program_graph_exact() -> None:
             assert max_rel_err(got, want) <= 1e-4
     # The first call compiles steps (syncs), so the second is watched for host syncs, the third captures.
     assert hows[:4] == ["warm-up", "warm-up", "captured", "replayed"], hows
-    assert hows[4] == "warm-up", hows  # the weight moved: restacked, never replayed stale
+    assert hows[4] == "warm-up", hows  # the stack moved: restacked, never replayed stale
     assert hows[5:] == ["warm-up", "warm-up", "captured", "replayed"], hows
 
 
@@ -149,4 +150,6 @@ def test_backend_program_graph_exact() -> None:
         hows.append(program.last_graph)
         assert max_rel_err(actual, expected) <= 1e-4
     assert program.member_args is not None
-    assert hows == ["warm-up", "warm-up", "captured", "replayed"], hows
+    # Warm-up calls (one more where the first compiled steps), one capture, then replays.
+    captured = hows.index("captured")
+    assert 1 <= captured <= 2 and set(hows[:captured]) == {"warm-up"} and hows[captured + 1 :] == ["replayed"] * (3 - captured), hows
