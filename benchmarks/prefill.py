@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": s["config"].num_hidden_layers,
         "hidden": s["config"].hidden_size,
         "peak_tflops": peak,
-        "diagbatch_options": options,
+        "diagbatch_options": {"min_lanes": 1, **options} if args.diag_via == "compile" else options,
         "mode": args.mode,
         "sdpa": args.sdpa,
         "layers_scope": args.layers_scope,
@@ -338,7 +338,9 @@ def measure_anylength(
     if anylength is None:
         probe = torch.randint(0, s["config"].vocab_size, (ids.shape[0], 3 * s["segment"]), device=ids.device)
         t0 = time.perf_counter()
-        anylength = diagpass.compile(armt, probe, options=options)
+        # The backend's own default (no padded lanes), so that this runs the program that
+        # torch.compile(backend="diagbatch") runs; diagpass.compile alone pads to 4 lanes.
+        anylength = diagpass.compile(armt, probe, options={"min_lanes": 1, **options})
         probe_s = time.perf_counter() - t0
     with sdpa_context(args.sdpa):
         measure("diagbatch", lambda: anylength(ids), compile_fn=lambda: anylength(ids))

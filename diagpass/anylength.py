@@ -388,10 +388,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"diagpass.compile takes an nn.Module, got {type(model).__name__}")
-    # Every ramp size is compiled on the first call: one shape fewer by default. With the
-    # program replayed from a CUDA graph, padded lanes cost device time, not launches:
-    # min_lanes 2 measured 0.620 s at 131K against 0.635 s for 4 (benchmarks/RESULTS.md).
-    config = parse_options({"min_lanes": 2, **(options or {})})
+    # Every ramp size is compiled on the first call: fewer, larger step shapes by default, to
+    # keep compile + first call at 131K under a minute (min_lanes 1 or 2 run about 15 ms
+    # faster there, for 61 s of it from cold caches: benchmarks/RESULTS.md).
+    config = parse_options({"min_lanes": 4, **(options or {})})
     if config.schedule != "diagonal":
         raise ConfigError("diagpass.compile runs the diagonal schedule only (schedule='diagonal')")
     report = RerollReport()

@@ -66,10 +66,10 @@ class DiagbatchConfig:
 
     min_lanes: int = 1
     """The smallest call: fewer cells are padded up to it (at most min(L, S)). With 16 layers
-    and ``pad="split"``, ``min_lanes=2`` compiles 4 step shapes per template instead of 5,
-    for at most 1 wasted cell per ramp diagonal (``4``: 3 shapes, up to 3 wasted cells).
-    ``diagpass.compile`` defaults it to 2, since it compiles every ramp size on its first
-    call; the backend to 1."""
+    and ``pad="split"``, ``min_lanes=4`` compiles 3 step shapes per template instead of 5,
+    for at most 3 wasted cells per ramp diagonal. ``diagpass.compile`` defaults it to 4, since
+    it compiles every ramp size on its first call; the backend to 1 (no wasted cells: about
+    15 ms faster at 131K tokens, for two more step compiles, benchmarks/RESULTS.md)."""
 
     short_tail: ShortTail = "eager"
     """``diagpass.compile`` only: how the layers of a last segment shorter than the

@@ -264,4 +264,4 @@ def test_min_lanes_pads_the_ramps() -> None:
     steady = [len(g.lanes) for g in layout.groups if g.variant == 0]
     first = [len(g.lanes) for g in layout.groups if g.variant == 1]
     assert set(steady) == {4} and set(first) == {1}  # the first segment is never padded
-    assert diagpass.compile(model, _ids(1, 12)).config.min_lanes == 2  # diagpass.compile default
+    assert diagpass.compile(model, _ids(1, 12)).config.min_lanes == 4  # diagpass.compile default
