@@ -105,6 +105,12 @@ class CompileRecord:
                 f"  {len(program.groups)} batched calls; {self.step_compiles} step graphs compiled, "
                 f"{self.batched_gemms} batched GEMMs in them"
             )
+            if program.graphs is not None:
+                graphs = program.graphs
+                lines.append(
+                    f"  whole-program CUDA graph: last call {program.last_graph}; "
+                    f"{graphs.captures} captured, {graphs.replays} replays"
+                )
         return "\n".join(lines)
 
     __str__ = summary
