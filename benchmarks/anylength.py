@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import diagpass
-from prefill import Timer, add_model_args, build, settings, strip_head  # benchmarks/ is on sys.path when run as a script
+from prefill import add_model_args, armt_for, settings  # benchmarks/ is on sys.path when run as a script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = settings(args)
     if args.lengths is None:
         cfg["lengths"] = [5 * cfg["segment"], 3 * cfg["segment"] + 5, 9 * cfg["segment"]] if cfg["tiny"] else [131072, 65536, 100000]
-    device = torch.device(args.device)
-    timer = Timer(device)
-    torch.manual_seed(0)
-    model, _ = build(cfg, device, args.w_mv_std)
-    del _
-    strip_head(model.model, args.keep_lm_head)
-    options = {"compiler": cfg["compiler"], **json.loads(args.options)}
+    device, timer, model, options = armt_for(args, cfg)
     vocab = cfg["config"].vocab_size
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -190,6 +190,17 @@ def strip_head(model: Any, keep: bool) -> None:
         model.lm_head = torch.nn.Identity()
 
 
+def armt_for(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[torch.device, Timer, Any, dict[str, Any]]:
+    """The ARMT (seed 0, head as ``--keep-lm-head`` says), its device, a timer and the
+    ``diagpass`` options, for the scripts that time ``diagpass.compile`` alone."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, _ = build(cfg, device, args.w_mv_std)
+    del _
+    strip_head(model.model, args.keep_lm_head)
+    return device, Timer(device), model, {"compiler": cfg["compiler"], **json.loads(args.options)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = settings(args)

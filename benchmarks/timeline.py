@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import diagpass
-from prefill import Timer, add_model_args, build, settings, strip_head  # benchmarks/ is on sys.path as a script
+from prefill import add_model_args, armt_for, settings  # benchmarks/ is on sys.path as a script
 
 PHASES = ("pre", "ramp_up", "steady", "ramp_down", "post")
 
@@ -146,13 +146,7 @@ def analyse(trace_path: str, *, segments: int, layers: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = settings(args)
-    device = torch.device(args.device)
-    timer = Timer(device)
-    torch.manual_seed(0)
-    model, _ = build(cfg, device, args.w_mv_std)
-    del _
-    strip_head(model.model, args.keep_lm_head)
-    options = {"compiler": cfg["compiler"], **json.loads(args.options)}
+    device, timer, model, options = armt_for(args, cfg)
     vocab = cfg["config"].vocab_size
     probe = torch.randint(0, vocab, (1, 3 * cfg["segment"]), device=device)
     fast = diagpass.compile(model, probe, options=options)

@@ -30,3 +30,39 @@ def test_prefill_tiny_cpu_smoke(tmp_path: Path) -> None:
         assert row["diagbatch"]["applied"] is True
         assert row["diagbatch"]["steps"] == data["env"]["layers"] + row["tokens"] // data["env"]["segment"] - 1
         assert {"full", "eager", "layers", "model", "ablation"} <= set(row)
+
+
+def test_timeline_charges_each_idle_gap_to_the_time_that_launched_the_next_kernel(tmp_path: Path) -> None:
+    """benchmarks/timeline.py on a made-up trace: 2 layers, 3 segments (diagonals 0-3)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from timeline import analyse
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def region(t: int, start: float, end: float) -> dict:
+        return {"cat": "user_annotation", "name": f"diagpass.t{t}", "ts": start, "dur": end - start}
+
+    def launch(corr: int, ts: float) -> dict:
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "args": {"correlation": corr}}
+
+    def kernel(corr: int, start: float, end: float) -> dict:
+        return {"cat": "kernel", "name": f"k{corr}", "ts": start, "dur": end - start, "args": {"correlation": corr}}
+
+    events = [
+        region(1, 0, 100), launch(1, 10), kernel(1, 20, 50),  # ramp-up: diagonal 0 (1 cell)
+        region(3, 100, 200), launch(2, 150), kernel(2, 160, 170),  # diagonal 1 (2 cells): idle 50-160
+        region(4, 200, 300), launch(3, 210), kernel(3, 215, 400),  # prepares diagonal 2: idle 170-215
+        region(5, 300, 350), launch(4, 310), kernel(4, 400, 900),  # queued behind k3: no idle
+        region(7, 350, 360), launch(5, 355), kernel(5, 950, 960),  # ramp-down, diagonal 3: idle 900-950
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    result = analyse(str(trace), segments=3, layers=2)
+    phases = result["phases"]
+    assert phases["ramp_up"]["idle_ms"] == 0.0 and phases["ramp_up"]["busy_ms"] == 0.03
+    assert phases["steady"]["idle_ms"] == 0.155 and phases["steady"]["kernels"] == 3
+    assert phases["steady"]["busy_ms"] == 0.695
+    assert phases["ramp_down"]["idle_ms"] == 0.05
+    assert result["idle_ms"] == 0.205 and result["device_span_ms"] == 0.94
+    assert result["per_time"]["5"]["idle_ms"] == 0.0  # the device was busy when k4's turn came
