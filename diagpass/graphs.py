@@ -11,10 +11,11 @@ the host out of the loop.
 strides, dtypes, the non-tensor values) plus the caller's key (e.g. the segment count):
 
 * the first call with a key runs the program as is (it compiles new steps, warms up);
-* the second captures it in a CUDA graph and replays it. Arguments whose address changed
-  between the two calls (the input ids, state from the last call) are read from buffers
-  of the graph's own, refilled before each replay; the others (weights, weight stacks) are
-  read in place, and a replay checks that they did not move (else it captures again);
+* the second (a third, where the first compiled steps) captures it in a CUDA graph and
+  replays it. Arguments whose address changed between the two calls (the input ids, state
+  from the last call), and small tensors that are not parameters, are read from buffers of
+  the graph's own, refilled before each replay; the others (weights, weight stacks) are read
+  in place, and a replay checks that they did not move (else it captures again);
 * later calls replay. Outputs are copied out of the graph's memory pool, so a result
   never changes under the caller's hands at the next replay.
 
@@ -68,6 +69,26 @@ def _layout(value: Any) -> Hashable:
 
 def _address(value: Any) -> int | None:
     return value.data_ptr() if isinstance(value, torch.Tensor) else None
+
+
+_SMALL_BYTES = 16 * 2**20
+
+
+def _refill_arg(value: Any, seen_address: int | None) -> bool:
+    """Whether a replay copies ``value`` into a buffer of the graph's own, else reads it in place.
+
+    Copied: what moved between the two calls before the capture (the input, state written
+    back by the last call), and every small tensor that is not a parameter (the caching
+    allocator may hand a new input the old one's address once, then another). Read in place:
+    parameters and large tensors that stayed put (weights, their stacks); a replay checks that
+    they still have not moved, else it captures again.
+    """
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.data_ptr() != seen_address:
+        return True
+    small = value.numel() * value.element_size() <= _SMALL_BYTES
+    return small and not isinstance(value, torch.nn.Parameter)
 
 
 def _copy_out(value: Any) -> Any:
@@ -177,9 +198,7 @@ class ProgramGraphs:
         return True
 
     def _capture(self, program: Program, args: Sequence[Any], seen: list[int | None], key: Hashable) -> _Graph | None:
-        # An argument that kept its address since the last call (weights, their stacks) is read
-        # in place; one that moved (the input, state from the last call) gets a buffer.
-        refill = [isinstance(a, torch.Tensor) and a.data_ptr() != old for a, old in zip(args, seen)]
+        refill = [_refill_arg(a, old) for a, old in zip(args, seen)]
         static = [
             torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a) if r else a
             for a, r in zip(args, refill)

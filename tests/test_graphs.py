@@ -45,3 +45,15 @@ def test_runs_say_how_they_used_the_graph() -> None:
     program = diagpass.last_compile().program
     assert program.member_args is not None  # the weight stacks are built outside the program
     assert program.last_graph == cpu
+
+
+def test_which_arguments_a_replay_refills() -> None:
+    from diagpass.graphs import _refill_arg
+
+    small = torch.zeros(4)
+    big = torch.zeros(5 * 2**20)  # 20 MiB
+    weight = torch.nn.Parameter(torch.zeros(4))
+    assert _refill_arg(small, small.data_ptr())  # an input or state: copied even where it kept its address
+    assert not _refill_arg(big, big.data_ptr()) and _refill_arg(big, big.data_ptr() + 1)  # large: only if it moved
+    assert not _refill_arg(weight, weight.data_ptr()) and _refill_arg(weight, None)
+    assert not _refill_arg(3, None)
