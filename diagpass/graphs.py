@@ -125,29 +125,29 @@ class ProgramGraphs:
         if entry is not None:
             if self._refill(entry, args):
                 self._graphs.move_to_end(full_key)
-                entry.graph.replay()
                 self.replays += 1
                 counters["diagpass"]["program_graph_replays"] += 1
-                return pytree.tree_map(_copy_out, entry.outputs), entry.info, "replayed"
+                return self._play(entry, "replayed")
             log.info("%s: a tensor read in place moved (new weights?): capturing again", self.name)
             del self._graphs[full_key]
             return self._warm_up(program, args, full_key)
-        if full_key in self.failures:
-            outputs, info = program(*args)
-            return outputs, info, f"uncaptured: {self.failures[full_key]}"
-        reason = self._not_capturable(args)
-        if reason is not None:
-            outputs, info = program(*args)
-            return outputs, info, f"uncaptured: {reason}"
-        seen = self._seen.get(full_key)
-        if seen is None:
-            return self._warm_up(program, args, full_key)
-        entry = self._capture(program, args, seen, full_key)
-        if entry is None:
-            outputs, info = program(*args)
-            return outputs, info, f"uncaptured: {self.failures[full_key]}"
+        reason = self.failures.get(full_key) or self._not_capturable(args)
+        if reason is None:
+            seen = self._seen.get(full_key)
+            if seen is None:
+                return self._warm_up(program, args, full_key)
+            entry = self._capture(program, args, seen, full_key)
+            if entry is not None:
+                return self._play(entry, "captured")
+            reason = self.failures[full_key]
+        outputs, info = program(*args)
+        return outputs, info, f"uncaptured: {reason}"
+
+    @staticmethod
+    def _play(entry: _Graph, how: str) -> tuple[Any, Any, str]:
+        """Replay ``entry`` (its buffers already filled) and copy its outputs out of the pool."""
         entry.graph.replay()
-        return pytree.tree_map(_copy_out, entry.outputs), entry.info, "captured"
+        return pytree.tree_map(_copy_out, entry.outputs), entry.info, how
 
     def _warm_up(self, program: Program, args: Sequence[Any], key: Hashable) -> tuple[Any, Any, str]:
         """Run uncaptured, watching for host syncs: a capture that fails leaves the CUDA RNG
@@ -234,11 +234,6 @@ class ProgramGraphs:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return entry
-
-    def clear(self) -> None:
-        """Drop every graph (and its memory)."""
-        self._graphs.clear()
-        self._seen.clear()
 
 
 def _end_rng_capture() -> None:

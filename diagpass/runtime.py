@@ -398,7 +398,8 @@ def build_program(
     if all(m.op == "placeholder" for m in member_nodes):
         # The stacks arrive as arguments after the graph's own: DiagonalProgram builds them
         # outside the module, and so outside a CUDA graph of it.
-        member_args = [placeholders.index(m) for m in member_nodes]
+        index = {node: i for i, node in enumerate(placeholders)}  # linear in graph size
+        member_args = [index[m] for m in member_nodes]
         stacks_node: Any = [graph.placeholder(f"weight_stack_{i}") for i in range(len(layouts))]
     else:
         stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
