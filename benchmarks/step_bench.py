@@ -42,11 +42,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "late_causal": {"fuse": False, "causal": True, "late": True},
     "all": {"fuse": True, "causal": True, "late": True},
     "all_cg": {"fuse": True, "causal": True, "late": True, "options": {"cudagraphs": True}},
+    "rr2": {"fuse": False, "causal": True, "late": True, "options": {"inductor": {"realize_reads_threshold": 2}}},
+    "rr1": {"fuse": False, "causal": True, "late": True, "options": {"inductor": {"realize_reads_threshold": 1}}},
 }
 """fuse: diagpass.fuse (GEMMs sharing an input); causal: masks proven causal become
 is_causal=True (lower.use_causal_attention) and the unread mask inputs are dropped
 (placement.unused_slots); late: the prologue of a segment just before its first step
-(diagpass.placement); options: extra diagbatch options (e.g. CUDA graphs)."""
+(diagpass.placement); options: extra diagbatch options (e.g. CUDA graphs, Inductor's
+``realize_reads_threshold``: rr2 / rr1 materialise the residual stream once instead of
+recomputing it in each reader)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -240,11 +244,11 @@ def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> Non
             wide.append(base[:G])
         else:
             wide.append(value[:1].expand(G, *value.shape[1:]).contiguous())
-    config = parse_options({"compiler": "inductor", "pad": "max"})
     outputs = {}
     for name in args.variants.split(","):
         spec = VARIANTS[name]
         set_variant(spec)
+        config = parse_options({"compiler": "inductor", "pad": "max", **spec.get("options", {})})
         compiler = lower.StepCompiler()
         template = _force_causal(call["template"]) if spec["causal"] else call["template"]
         t0 = time.perf_counter()

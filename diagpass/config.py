@@ -49,6 +49,20 @@ class DiagbatchConfig:
     are small steps bound by the host's launch time; full steps are not, and graphs would only
     add their input copies there."""
 
+    gqa_attention: bool = True
+    """Hand attention the keys and values before Hugging Face's ``repeat_kv`` (with
+    ``enable_gqa=True``) where the mask is proven causal and the device is CUDA: cuDNN reads
+    the grouped heads itself, so the 4x copies of K and V (Llama-3.2-1B) are never written.
+    Exact (same kernel, same outputs)."""
+
+    lane_views: bool = True
+    """Let a step read its cells' inputs in place where they are consecutive lanes of an
+    earlier step's output (ARMT's memory: lane l of one diagonal is layer l's state for the
+    next), and read the hidden states, which come shifted by one lane plus the new segment's
+    embedding, through a fused select instead of stacking them into a new tensor. Off: every
+    per-cell input is stacked (one copy per step). Only for templates that write no tensor
+    in place."""
+
     compiler: StepCompiler = "inductor"
     """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to
     run the rewritten program without Inductor (debugging, fast CPU tests)."""

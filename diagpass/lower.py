@@ -13,6 +13,7 @@ a recompile or another model with the same cell shapes reuses them.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ from diagpass.ops import SDPA_TARGETS, batched_sdpa, sdpa_supported
 
 log = logging.getLogger("diagpass.lower")
 
-__all__ = ["StepCompiler", "CompiledStep", "batched_template", "count_batched_gemms", "use_causal_attention"]
+__all__ = [
+    "StepCompiler",
+    "CompiledStep",
+    "batched_template",
+    "count_batched_gemms",
+    "use_causal_attention",
+    "use_gqa_attention",
+]
 
 _BATCHED_GEMMS = ("aten.bmm", "aten._grouped_mm", "aten.baddbmm")
 
@@ -39,6 +47,13 @@ FUSE_GEMMS = False
 Off: on the H100 (Llama-3.2-1B shapes) it gained nothing measurable (cuBLAS already runs
 the separate q/k/v GEMMs near its peak; 16K end to end 110.6 ms fused against 108.9 ms not,
 benchmarks/RESULTS.md) and it keeps a second copy of the fused weights."""
+
+STEP_INDUCTOR_DEFAULTS: dict[str, Any] = {}
+"""Inductor config for the step graphs, under the user's ``inductor`` options. Tried and left
+out: ``realize_reads_threshold=1`` (store the residual stream once instead of recomputing it
+in each reader) cut a steady step's memory-bound kernels from 0.722 to 0.654 ms
+(benchmarks/step_bench.py, variant rr1), but the 131K forward was no faster (0.6141 s, run32)
+and its bf16 check gave NaN there, so it is not the default."""
 
 CAUSAL_ATTENTION = True
 """Let :func:`use_causal_attention` replace masks proven causal by ``is_causal=True``."""
@@ -181,6 +196,126 @@ def use_causal_attention(
     return rewritten
 
 
+GQA_DEVICES: tuple[str, ...] = ("cuda",)
+"""Devices on which :func:`use_gqa_attention` rewrites: CUDA, where cuDNN reads grouped heads
+natively. (On CPU SDPA would take its slower math path; tests add ``"cpu"`` to check the
+rewrite's exactness there.)"""
+
+_RESHAPE_METHODS = ("reshape", "view")
+_RESHAPE_FUNCTIONS = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
+_EXPAND = ("expand",)
+
+
+def _example(node: Any) -> torch.Tensor | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_call(node: Any, methods: tuple[str, ...], functions: tuple[Any, ...] = ()) -> bool:
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return False
+    return (node.op == "call_method" and node.target in methods) or (
+        node.op == "call_function" and node.target in functions
+    )
+
+
+def _unsqueezed_at_2(node: Any) -> torch.fx.Node | None:
+    """``x`` when ``node`` is ``x[:, :, None]`` (any trailing full slices) or ``x.unsqueeze(2)``."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        full = slice(None, None, None)
+        if isinstance(index, tuple) and len(index) >= 3 and index[:3] == (full, full, None):
+            if all(i == full for i in index[3:]):
+                return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+        return None
+    if _is_call(node, ("unsqueeze",), (torch.unsqueeze,)):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.args[0] if dim == 2 and isinstance(node.args[0], torch.fx.Node) else None
+    return None
+
+
+def _repeat_kv_source(node: Any) -> tuple[torch.fx.Node, int] | None:
+    """``(x, n_rep)`` when ``node`` is Hugging Face's ``repeat_kv(x, n_rep)``:
+    ``x[:, :, None].expand(B, H_kv, n_rep, T, D).reshape(B, H_kv * n_rep, T, D)``."""
+    if not _is_call(node, _RESHAPE_METHODS, _RESHAPE_FUNCTIONS):
+        return None
+    expanded = node.args[0]
+    if not _is_call(expanded, _EXPAND, (torch.Tensor.expand,)):
+        return None
+    source = _unsqueezed_at_2(expanded.args[0])
+    out, wide, kv = _example(node), _example(expanded), _example(source)
+    if source is None or out is None or wide is None or kv is None or kv.dim() != 4 or wide.dim() != 5:
+        return None
+    batch, heads, length, dim = kv.shape
+    n_rep = wide.shape[2]
+    if tuple(wide.shape) != (batch, heads, n_rep, length, dim):
+        return None
+    if tuple(out.shape) != (batch, heads * n_rep, length, dim):
+        return None
+    return source, int(n_rep)
+
+
+def _erase_unused_chain(graph: torch.fx.Graph, node: Any, stop: set[Any]) -> None:
+    """Erase ``node`` and then its first input, while each has no reader left (up to ``stop``)."""
+    while isinstance(node, torch.fx.Node) and node not in stop and not node.users and node.op != "placeholder":
+        source = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = source
+
+
+def use_gqa_attention(template: torch.fx.GraphModule, *, enabled: bool = True) -> int:
+    """Hand the template's unmasked attention calls the keys and values before Hugging
+    Face's ``repeat_kv``, with ``enable_gqa=True``. Run after :func:`use_causal_attention`.
+
+    Exact: SDPA's grouped-query attention reads key/value head ``h // n_rep`` for query
+    head ``h``, which is what ``repeat_kv`` materialises (cuDNN gives bit-identical
+    outputs on the H100). It saves writing (and re-reading) ``n_rep`` copies of K and V
+    each step: 4x for Llama-3.2-1B. Calls with a mask are left alone (not every SDPA
+    kernel that takes a mask takes grouped heads). Returns how many calls were rewritten
+    (``counters["diagpass"]["sdpa_gqa"]``).
+    """
+    if not enabled:
+        return 0
+    rewritten = 0
+    for node in template.graph.nodes:
+        if node.op != "call_function" or node.target is not batched_sdpa:
+            continue
+        mask, _ = _mask_arg(node)
+        args, kwargs = list(node.args), dict(node.kwargs)
+        gqa = kwargs["enable_gqa"] if "enable_gqa" in kwargs else (args[7] if len(args) > 7 else False)
+        if mask is not None or gqa or len(args) < 3:
+            continue
+        query = _example(args[0])
+        if query is None or query.dim() != 4:
+            continue
+        if query.device.type not in GQA_DEVICES:
+            continue
+        key, value = _repeat_kv_source(args[1]), _repeat_kv_source(args[2])
+        if key is None or value is None or key[1] != value[1] or key[1] < 2:
+            continue
+        kv = _example(key[0])
+        if kv is None or query.shape[1] != kv.shape[1] * key[1]:
+            continue
+        dropped = [args[1], args[2]]
+        args[1], args[2] = key[0], value[0]
+        if len(args) > 7:
+            args[7] = True
+        else:
+            kwargs["enable_gqa"] = True
+        node.args, node.kwargs = tuple(args), kwargs
+        for head in dropped:  # the repeat_kv chains (reshape <- expand <- unsqueeze), now unread
+            _erase_unused_chain(template.graph, head, stop=set(args[1:3]))
+        rewritten += 1
+    if rewritten:
+        template.recompile()
+        counters["diagpass"]["sdpa_gqa"] += rewritten
+    return rewritten
+
+
 def _depends_on(node: torch.fx.Node, root: torch.fx.Node) -> bool:
     pending, seen = [node], set()
     while pending:
@@ -279,6 +414,28 @@ class GraphedStep:
         return tuple(out.clone() for out in outputs)
 
 
+def compile_chunk(
+    module: torch.fx.GraphModule, s: int, n: int, args: Sequence[Any], config: DiagbatchConfig
+) -> Callable[..., Any]:
+    """Inductor's kernels for ``module(s, n, *args)`` at these ints and argument layouts.
+
+    For a segment chunk that does not read ``s`` (``diagpass.reroll_program``): e.g. the final
+    RMSNorm of each segment, eight eager kernels with float32 intermediates, becomes one.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    def chunk(*tensors: Any) -> Any:
+        return module(s, n, *tensors)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        aten = make_fx(chunk, tracing_mode="fake")(*args)
+        compiled = compile_fx(aten, list(args), config_patches=dict(config.inductor))
+    counters["diagpass"]["chunk_compiles"] += 1
+    log.info("compiled a segment chunk (%d nodes) in %.2fs", len(aten.graph.nodes), time.perf_counter() - start)
+    return compiled
+
+
 class StepCompiler:
     """Compiles batched steps, once per distinct (template, batch size, slot kinds)."""
 
@@ -372,7 +529,7 @@ class StepCompiler:
             aten, makers = fuse_horizontal_gemms(aten, static)
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
-        patches = dict(config.inductor)
+        patches = {**STEP_INDUCTOR_DEFAULTS, **config.inductor}
         example = [*args, *(make(args) for make in makers)]
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)

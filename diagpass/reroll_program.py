@@ -23,22 +23,33 @@ import logging
 import operator
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+from torch._dynamo.utils import counters
 
 from diagpass.config import DiagbatchConfig
 from diagpass import placement
 from diagpass.graphs import program_graphs
-from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
+from diagpass.hoist import HoistedChunk, split_invariant
+from diagpass.lower import StepCompiler, compile_chunk, use_batched_attention, use_causal_attention, use_gqa_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, per_segment_list, walk_arg
 from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups, step_in_dims
 
 log = logging.getLogger("diagpass.reroll")
+
+COMPILE_CHUNK_DEVICES: tuple[str, ...] = ("cuda",)
+"""Devices on which the segment chunks that do not read ``s`` run as Inductor kernels
+(``compiler="inductor"``). CPU runs them eagerly: its C++ compile costs more than it saves."""
+
+HOIST_INVARIANT = True
+"""Run the part of each segment chunk that is the same for every segment once per run
+(:mod:`diagpass.hoist`): 11 of the 13 kernels of a Llama segment's prologue (the rotary
+tables)."""
 
 __all__ = ["RerolledProgram", "RunStats"]
 
@@ -53,6 +64,12 @@ class _Chunk:
     """Refs of the module's inputs after ``s`` and ``n``."""
     outputs: list[int]
     """Unit positions the module returns."""
+    s_free: bool = False
+    """Whether what runs (``hoisted.variant`` or ``module``) ignores ``s``: then it can be
+    compiled once for every segment."""
+    hoisted: HoistedChunk | None = None
+    """The module split into what is the same for every segment (run once per run and
+    length) and the rest (:mod:`diagpass.hoist`); ``None``: run ``module`` as is."""
 
 
 @dataclass(kw_only=True)
@@ -146,8 +163,9 @@ class RerolledProgram:
             # template stops reading it, and the chunks stop computing it (_build_form).
             cells = template.cells
             causal = use_causal_attention(module, lambda slot, cells=cells: [templates.bindings[c].inputs[slot] for c in cells])
+            gqa = use_gqa_attention(module, enabled=config.gqa_attention)
             kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
-            key = template.key + (":causal" if causal else "")
+            key = template.key + (":causal" if causal else "") + (":gqa" if gqa else "")
             self._plans[name] = self._variant_plan(key, module, list(kinds), template.cells)
         self._member_keys = [k for members in self._stack_members for k in members]
         offset = 0
@@ -179,6 +197,7 @@ class RerolledProgram:
         self._pre = self._build_outer("pre")
         self._post = self._build_outer("post")
         self._layouts: OrderedDict[tuple[int, int], _Layout] = OrderedDict()
+        self._chunk_cache: dict[tuple[Any, ...], Callable[..., Any] | None] = {}  # see _chunk_kernels
         self._tail_plans: dict[int, _VariantPlan] = {}
         self._key_order: dict[frozenset[Hashable], list[Hashable]] = {}
         self.graphs = program_graphs(config, name="diagpass.compile program")
@@ -359,7 +378,35 @@ class RerolledProgram:
         graph.output(tuple(env[p] for p in outputs))
         graph.eliminate_dead_code()  # e.g. a mask no template reads any more
         module = torch.fx.GraphModule(self.gm, graph, class_name="SegmentChunk")
-        return _Chunk(module=module, ext=ext, outputs=outputs)
+        hoisted = None
+        if HOIST_INVARIANT:
+            same_every_segment = [i for i, ref in enumerate(ext) if ref[0] in ("G", "PRE")]
+            hoisted = split_invariant(module, global_inputs=same_every_segment, owner=self.gm)
+            if hoisted is not None:
+                counters["diagpass"]["chunk_nodes_hoisted"] += hoisted.moved
+        runs = hoisted.variant if hoisted is not None else module
+        s_free = not next(n for n in runs.graph.nodes if n.op == "placeholder").users
+        return _Chunk(module=module, ext=ext, outputs=outputs, hoisted=hoisted, s_free=s_free)
+
+    def _chunk_kernels(
+        self, chunk: _Chunk, fn: torch.fx.GraphModule, n: int, args: list[Any]
+    ) -> Callable[..., Any] | None:
+        """Inductor's kernels for a chunk that does not read ``s``, compiled once per length
+        and argument layouts; ``None`` (run it eagerly) off ``COMPILE_CHUNK_DEVICES`` or
+        without the Inductor step compiler."""
+        if self.config.compiler != "inductor":
+            return None
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not tensors or torch.is_grad_enabled() or any(t.device.type not in COMPILE_CHUNK_DEVICES for t in tensors):
+            return None
+        key = (id(chunk), n, tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a) for a in args))
+        if key not in self._chunk_cache:
+            try:
+                self._chunk_cache[key] = compile_chunk(fn, 0, n, args, self.config)
+            except Exception as exc:  # noqa: BLE001 - the eager chunk is always there
+                log.warning("segment chunk not compiled, runs eagerly: %s: %s", type(exc).__name__, exc)
+                self._chunk_cache[key] = None
+        return self._chunk_cache[key]
 
     def _build_outer(self, which: str) -> tuple[torch.fx.GraphModule, list[Ref]]:
         """``pre`` (inputs -> every pre value) or ``post`` (refs -> the graph's outputs)."""
@@ -529,6 +576,7 @@ class RerolledProgram:
         pre_module, pre_ext = self._pre
         pre_values = pre_module(*[inputs[r[1]] for r in pre_ext])
         envs: dict[int, dict[int, Any]] = {}
+        hoisted: dict[tuple[int, int], Any] = {}  # (id(chunk), n) -> its invariant values
         collected: list[list[Any]] = [[None] * segments for _ in self._collect_refs]
         L = self.num_layers
         T = self.segment_size
@@ -586,7 +634,19 @@ class RerolledProgram:
                     if chunk is None:
                         continue
                     n = last if s == segments - 1 else T
-                    values = chunk.module(s, n, *[resolve(r, s) for r in chunk.ext])
+                    ext_values = [resolve(r, s) for r in chunk.ext]
+                    split = chunk.hoisted
+                    if split is None:
+                        fn, chunk_args = chunk.module, ext_values
+                    else:
+                        invariant = hoisted.get((id(chunk), n))
+                        if invariant is None:  # once per run and length: e.g. the rotary tables
+                            invariant = split.invariant(n, *[ext_values[i] for i in split.invariant_inputs])
+                            hoisted[(id(chunk), n)] = invariant
+                        fn, chunk_args = split.variant, [*ext_values, *invariant]
+                    # A chunk that does not read s (the last norm) runs as Inductor kernels.
+                    kernels = self._chunk_kernels(chunk, fn, n, chunk_args) if chunk.s_free and form.name != "tail" else None
+                    values = kernels(*chunk_args) if kernels is not None else fn(s, n, *chunk_args)
                     for pos, value in zip(chunk.outputs, values):
                         store(s, form, pos, value)
             else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch._dynamo.utils import counters
 from diagpass import placement
 from diagpass.config import DiagbatchConfig
 from diagpass.graphs import ProgramGraphs, program_graphs
-from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention
+from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention, use_gqa_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
 
@@ -114,6 +115,17 @@ class StepRunner(torch.nn.Module):
         self.batched_gemms = 0
         self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
         self._resolved: dict[int, Any] = {}  # group id -> its CompiledStep
+        self._readonly: dict[int, bool] = {}  # id(plan) -> its template writes no tensor in place
+
+    def _lane_view(self, plan: _VariantPlan, values: Sequence[Any]) -> torch.Tensor | None:
+        """``values`` as one ``[G, ...]`` view when they already lie as consecutive lanes of
+        one tensor (``config.lane_views``, templates that write nothing in place)."""
+        if not self.config.lane_views:
+            return None
+        readonly = self._readonly.get(id(plan))
+        if readonly is None:
+            readonly = self._readonly[id(plan)] = not any(placement._mutates(n) for n in plan.template.graph.nodes)
+        return lane_view(values) if readonly else None
 
     def forward(self, group_id: int, stacks: list[torch.Tensor], *inputs: Any) -> tuple[torch.Tensor, ...]:
         group = self.groups[group_id]
@@ -130,7 +142,11 @@ class StepRunner(torch.nn.Module):
             elif kind == "per_cell":
                 values = inputs[cursor : cursor + num_cells]
                 cursor += num_cells
-                if num_lanes == num_cells:
+                run = self._lane_view(plan, values) if num_lanes == num_cells else None
+                if run is not None:
+                    args.append(run)  # [G, ...], read in place
+                    counters["diagpass"]["lane_views"] += 1
+                elif num_lanes == num_cells:
                     args.append(torch.stack(values))  # [G, ...]
                 else:  # padded lanes repeat the first cell's input; their outputs are dropped
                     lane_values = [values[0]] * num_lanes
@@ -165,6 +181,40 @@ class StepRunner(torch.nn.Module):
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
         return tuple(out[lane] for lane in group.cell_lane for out in outputs)
+
+
+def lane_view(values: Sequence[Any]) -> torch.Tensor | None:
+    """``values`` stacked along a new dim 0, as a view, when no copy is needed: one tensor
+    (``v.unsqueeze(0)``), the same tensor for every lane (an ``expand``), or tensors of one storage with one shape and strides, at evenly
+    spaced, non-overlapping offsets (the lanes ``out[a]``, ..., ``out[a+n-1]`` of a step's
+    output ``out``). ``None`` otherwise.
+    """
+    first = values[0] if values else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    if len(values) == 1:
+        return first.unsqueeze(0)
+    if all(value is first for value in values):  # one tensor for every cell (e.g. hoisted rotary tables)
+        return first.unsqueeze(0).expand(len(values), *first.shape)
+    second = values[1]
+    if not isinstance(second, torch.Tensor):
+        return None
+    step = second.storage_offset() - first.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(first.shape, first.stride()))
+    if first.numel() == 0 or step < extent:  # lanes must not overlap (nor run backwards)
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for i, value in enumerate(values):
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.untyped_storage().data_ptr() != storage
+            or value.storage_offset() != first.storage_offset() + i * step
+            or value.shape != first.shape
+            or value.stride() != first.stride()
+            or value.dtype != first.dtype
+        ):
+            return None
+    return first.as_strided((len(values), *first.shape), (step, *first.stride()), first.storage_offset())
 
 
 @dataclass(kw_only=True)
@@ -299,6 +349,7 @@ def build_program(
         module = build_template_module(template, bindings, gm)
         use_batched_attention(module)
         causal = use_causal_attention(module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells])
+        gqa = use_gqa_attention(module, enabled=config.gqa_attention)
         slot_kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
         for slot, kind in enumerate(slot_kinds):
             if kind == "unused":
@@ -306,7 +357,7 @@ def build_program(
         plans.append(
             _VariantPlan(
                 template=module,
-                key=template.key + (":causal" if causal else ""),
+                key=template.key + (":causal" if causal else "") + (":gqa" if gqa else ""),
                 slot_kinds=list(slot_kinds),  # type: ignore[arg-type]
                 in_dims=step_in_dims(slot_kinds),
                 layers=layers,

@@ -1,0 +1,253 @@
+"""What a step reads: lane views instead of stacked copies, grouped K/V instead of repeat_kv."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import diagpass
+from diagpass import lower, models
+from diagpass.ops import batched_sdpa
+from diagpass.runtime import lane_view
+from tests.helpers import compile_and_compare, logits_of, max_rel_err
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- lane_view -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(
+    lanes=st.integers(1, 6),
+    start=st.integers(0, 3),
+    count=st.integers(1, 6),
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    transpose=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int64]),
+)
+def test_property_lane_view_is_the_stack_without_a_copy(
+    lanes: int, start: int, count: int, shape: list[int], transpose: bool, dtype: torch.dtype
+) -> None:
+    base = (torch.randn(lanes + start + count, *shape) * 100).to(dtype)  # [n, ...]
+    if transpose and len(shape) >= 2:
+        base = base.transpose(1, 2)  # lanes whose own layout is not contiguous
+    values = [base[start + i] for i in range(count)]
+    view = lane_view(values)
+    assert view is not None
+    assert view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # no copy
+    assert torch.equal(view, torch.stack(values))
+
+
+def test_lane_view_of_one_tensor_for_every_lane_is_an_expand() -> None:
+    table = torch.randn(5, 8)  # e.g. a rotary table hoisted out of the segment loop
+    view = lane_view([table, table, table])
+    assert view is not None and view.stride(0) == 0
+    assert view.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    assert torch.equal(view, torch.stack([table] * 3))
+
+
+def test_lane_view_refuses_what_is_not_one_run_of_lanes() -> None:
+    base = torch.randn(6, 3, 4)
+    assert lane_view([base[0], base[2], base[1]]) is None  # not evenly spaced
+    assert lane_view([base[2], base[1]]) is None  # backwards
+    assert lane_view([base[0], base[1].clone()]) is None  # another storage
+    assert lane_view([torch.randn(3, 4), torch.randn(3, 4)]) is None
+    assert lane_view([base[0, :, :2], base[0, :, 1:3]]) is None  # overlapping
+    assert lane_view([base[0], base[1, :2]]) is None  # another shape
+    assert lane_view([base[0], base.view(torch.int32)[1]]) is None  # another dtype
+    assert lane_view([]) is None
+    spaced = lane_view([base[0], base[2], base[4]])  # every other lane: still one strided view
+    assert spaced is not None and torch.equal(spaced, base[0::2])
+
+
+def test_lane_views_skip_templates_that_write_in_place() -> None:
+    from diagpass.config import DiagbatchConfig
+    from diagpass.runtime import StepRunner
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_method("add_", (x, 1)))
+    plan = mock.Mock(template=torch.fx.GraphModule(torch.nn.Module(), graph))
+    runner = StepRunner([], [], lower.StepCompiler(), DiagbatchConfig())
+    base = torch.randn(4, 3)
+    assert runner._lane_view(plan, [base[0], base[1]]) is None
+    readonly = mock.Mock(template=torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()))
+    assert runner._lane_view(readonly, [base[0], base[1]]) is not None
+    off = StepRunner([], [], lower.StepCompiler(), DiagbatchConfig(lane_views=False))
+    assert off._lane_view(readonly, [base[0], base[1]]) is None
+
+
+def test_lane_views_fire_and_change_nothing() -> None:
+    """ARMT's memory arrives as consecutive lanes of the last step's output: read in place,
+    with outputs bit-identical to stacking."""
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    ids = _ids(2, 8 * 6, vocab=model.config.vocab_size)
+    compile_and_compare(model, ids, options={"compiler": "eager", "lane_views": False})
+    assert counters["diagpass"]["lane_views"] == 0
+    with torch.no_grad():
+        stacked = logits_of(torch.compile(model, backend="diagbatch", options={"compiler": "eager", "lane_views": False}, dynamic=False)(ids)).clone()
+    torch._dynamo.reset()
+    compile_and_compare(model, ids, options={"compiler": "eager"})
+    assert counters["diagpass"]["lane_views"] > 0
+    with torch.no_grad():
+        viewed = logits_of(torch.compile(model, backend="diagbatch", options={"compiler": "eager"}, dynamic=False)(ids))
+    assert torch.equal(viewed, stacked)
+
+
+def test_lane_views_in_the_any_length_program() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "eager"})
+        ids = _ids(1, 8 * 7 + 3, vocab, seed=1)
+        expected = logits_of(model(ids)).clone()
+        actual = logits_of(fast(ids))
+    assert counters["diagpass"]["lane_views"] > 0
+    assert max_rel_err(actual, expected) < 1e-5
+
+
+# --- grouped K/V attention ------------------------------------------------------------------------
+
+
+@settings(max_examples=6)
+@given(kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 2), segments=st.integers(2, 5))
+def test_property_gqa_attention_exact(kv_heads: int, batch: int, segments: int) -> None:
+    """With the rewrite allowed on CPU (SDPA's math path), outputs match sequential eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    config = models.tiny_llama_config(num_attention_heads=4, num_key_value_heads=kv_heads)
+    model = models.build_armt(config=config, segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    ids = _ids(batch, 8 * segments, vocab=config.vocab_size)
+    with mock.patch.object(lower, "GQA_DEVICES", ("cuda", "cpu")):
+        compile_and_compare(model, ids, options={"compiler": "eager"})
+    grouped = kv_heads < 4
+    assert counters["diagpass"]["sdpa_causal"] > 0
+    assert counters["diagpass"]["sdpa_gqa"] == (counters["diagpass"]["sdpa_causal"] if grouped else 0)
+
+
+def test_gqa_attention_in_the_any_length_program_and_its_option() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)  # 4 heads, 2 KV heads
+    vocab = model.config.vocab_size
+    ids = _ids(1, 8 * 5, vocab, seed=2)
+    with torch.no_grad(), mock.patch.object(lower, "GQA_DEVICES", ("cuda", "cpu")):
+        expected = logits_of(model(ids)).clone()
+        fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "eager"})
+        assert counters["diagpass"]["sdpa_gqa"] > 0
+        assert max_rel_err(logits_of(fast(ids)), expected) < 1e-5
+        counters.clear()
+        diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "eager", "gqa_attention": False})
+        assert counters["diagpass"]["sdpa_gqa"] == 0
+
+
+def test_gqa_attention_is_cuda_only_by_default() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8)
+    compile_and_compare(model, _ids(1, 32, vocab=model.config.vocab_size))
+    assert counters["diagpass"]["sdpa_causal"] > 0 and counters["diagpass"]["sdpa_gqa"] == 0
+
+
+def _repeat_kv_template(*, masked: bool, n_rep: int, dim: int = 2) -> torch.fx.GraphModule:
+    """SDPA over Hugging Face's ``repeat_kv`` of K and V, as Dynamo records it."""
+    B, H_kv, T, D = 1, 2, 5, 8
+    graph = torch.fx.Graph()
+    q, k, v, mask = (graph.placeholder(name) for name in ("q", "k", "v", "mask"))
+    q.meta["example_value"] = torch.empty(B, H_kv * n_rep, T, D)
+    repeated = []
+    for source in (k, v):
+        source.meta["example_value"] = torch.empty(B, H_kv, T, D)
+        index = (slice(None),) * dim + (None,)
+        item = graph.call_function(__import__("operator").getitem, (source, index))
+        item.meta["example_value"] = torch.empty(B, H_kv, T, D).unsqueeze(dim)
+        wide = (B, H_kv, n_rep, T, D) if dim == 2 else (B, H_kv, T, n_rep, D)
+        expand = graph.call_method("expand", (item, *wide))
+        expand.meta["example_value"] = torch.empty(wide)
+        out = graph.call_method("reshape", (expand, B, H_kv * n_rep, T, D) if dim == 2 else (expand, B, H_kv, T * n_rep, D))
+        out.meta["example_value"] = torch.empty(B, H_kv * n_rep, T, D) if dim == 2 else torch.empty(B, H_kv, T * n_rep, D)
+        repeated.append(out)
+    kwargs = {"attn_mask": mask if masked else None, "is_causal": not masked}
+    graph.output((graph.call_function(batched_sdpa, (q, *repeated), kwargs),))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize(
+    "masked,n_rep,dim,rewrites", [(False, 2, 2, 1), (True, 2, 2, 0), (False, 1, 2, 0), (False, 2, 3, 0)]
+)
+def test_use_gqa_attention_matches_repeat_kv_only(masked: bool, n_rep: int, dim: int, rewrites: int) -> None:
+    template = _repeat_kv_template(masked=masked, n_rep=n_rep, dim=dim)
+    q = torch.randn(1, 2 * n_rep, 5, 8)
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    if dim == 2:
+        expected = template(q, k, v, mask)[0]
+    with mock.patch.object(lower, "GQA_DEVICES", ("cpu",)):
+        assert lower.use_gqa_attention(template) == rewrites
+    assert counters["diagpass"]["sdpa_gqa"] == rewrites
+    if rewrites:
+        assert not any(n.op == "call_method" and n.target == "expand" for n in template.graph.nodes)
+        assert torch.allclose(template(q, k, v, mask)[0], expected, atol=1e-6)
+    with mock.patch.object(lower, "GQA_DEVICES", ("cpu",)):
+        assert lower.use_gqa_attention(_repeat_kv_template(masked=False, n_rep=2), enabled=False) == 0
+
+
+# --- segment chunks: invariant part hoisted, s-free part compiled ---------------------------------
+
+
+def test_split_invariant_moves_what_every_segment_shares() -> None:
+    from diagpass.hoist import split_invariant
+
+    graph = torch.fx.Graph()
+    s, n, ids, freq, hidden = (graph.placeholder(name) for name in ("s", "n", "ids", "freq", "hidden"))
+    for node, value in ((ids, torch.zeros(1, 20, dtype=torch.long)), (freq, torch.randn(4)), (hidden, torch.randn(5, 4))):
+        node.meta["example_value"] = value
+    positions = graph.call_function(torch.arange, (n,))
+    positions.meta["example_value"] = torch.arange(5)
+    table = graph.call_function(torch.outer, (graph.call_method("float", (positions,)), freq))
+    table.meta["example_value"] = torch.empty(5, 4)
+    cos = graph.call_method("cos", (table,))
+    cos.meta["example_value"] = torch.empty(5, 4)
+    noise = graph.call_function(torch.rand_like, (cos,))  # random: never hoisted
+    seg = graph.call_function(operator_getitem, (ids, (slice(None), slice(s, None))))
+    out = graph.call_function(torch.add, (hidden, cos))
+    graph.output((out, seg, noise))
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    split = split_invariant(module, global_inputs=[0, 1])  # ids and freq: the same every segment
+    assert split is not None and split.hoisted == 1 and split.invariant_inputs == [1]
+    args = (torch.arange(20).view(1, 20), torch.randn(4), torch.randn(5, 4))
+    torch.manual_seed(0)
+    want = module(3, 5, *args)
+    torch.manual_seed(0)
+    got = split.variant(3, 5, *args, *split.invariant(5, args[1]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert not any(n.target is torch.rand_like for n in split.invariant.graph.nodes)
+    # freq not the same every segment: only the positions (a function of n) move.
+    partial = split_invariant(module, global_inputs=[])
+    assert partial is not None and partial.moved == 2
+    assert not any(node.op == "call_method" and node.target == "cos" for node in partial.invariant.graph.nodes)
+
+
+def operator_getitem(a, b):  # type: ignore[no-untyped-def]
+    return a[b]
+
+
+def test_chunks_hoisted_and_compiled_stay_exact() -> None:
+    """diagpass.compile: the rotary tables leave the segment loop, the s-free chunks (the
+    last norm) run as Inductor kernels (allowed on CPU here), outputs as eager."""
+    from diagpass import reroll_program
+
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    vocab = model.config.vocab_size
+    ids = _ids(1, 8 * 6, vocab, seed=3)
+    with torch.no_grad(), mock.patch.object(reroll_program, "COMPILE_CHUNK_DEVICES", ("cpu",)):
+        expected = logits_of(model(ids)).clone()
+        fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "inductor", "min_lanes": 2})
+        actual = logits_of(fast(ids))
+    assert counters["diagpass"]["chunk_nodes_hoisted"] > 0
+    assert counters["diagpass"]["chunk_compiles"] > 0
+    assert max_rel_err(actual, expected) < 1e-5
