@@ -56,12 +56,12 @@ class DiagbatchConfig:
     Exact (same kernel, same outputs)."""
 
     lane_views: bool = True
-    """Let a step read its cells' inputs in place where they are consecutive lanes of an
-    earlier step's output (ARMT's memory: lane l of one diagonal is layer l's state for the
-    next), and read the hidden states, which come shifted by one lane plus the new segment's
-    embedding, through a fused select instead of stacking them into a new tensor. Off: every
-    per-cell input is stacked (one copy per step). Only for templates that write no tensor
-    in place."""
+    """Let a step read its cells' inputs in place, as a view instead of a stacked copy, where
+    they already lie as consecutive lanes of an earlier step's output (ARMT's memory: lane l
+    of one diagonal is layer l's state for the next) or are one tensor for every cell (the
+    hoisted rotary tables). The hidden states, shifted by one lane with the new segment's
+    embedding in front, are still stacked. Off: every per-cell input is stacked (one copy per
+    step). Only for templates that write no tensor in place."""
 
     compiler: StepCompiler = "inductor"
     """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to

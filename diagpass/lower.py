@@ -35,6 +35,7 @@ __all__ = [
     "CompiledStep",
     "batched_template",
     "count_batched_gemms",
+    "prepare_attention",
     "use_causal_attention",
     "use_gqa_attention",
 ]
@@ -47,13 +48,6 @@ FUSE_GEMMS = False
 Off: on the H100 (Llama-3.2-1B shapes) it gained nothing measurable (cuBLAS already runs
 the separate q/k/v GEMMs near its peak; 16K end to end 110.6 ms fused against 108.9 ms not,
 benchmarks/RESULTS.md) and it keeps a second copy of the fused weights."""
-
-STEP_INDUCTOR_DEFAULTS: dict[str, Any] = {}
-"""Inductor config for the step graphs, under the user's ``inductor`` options. Tried and left
-out: ``realize_reads_threshold=1`` (store the residual stream once instead of recomputing it
-in each reader) cut a steady step's memory-bound kernels from 0.722 to 0.654 ms
-(benchmarks/step_bench.py, variant rr1), but the 131K forward was no faster (0.6141 s, run32)
-and its bf16 check gave NaN there, so it is not the default."""
 
 CAUSAL_ATTENTION = True
 """Let :func:`use_causal_attention` replace masks proven causal by ``is_causal=True``."""
@@ -316,6 +310,18 @@ def use_gqa_attention(template: torch.fx.GraphModule, *, enabled: bool = True) -
     return rewritten
 
 
+def prepare_attention(
+    template: torch.fx.GraphModule, sources: Callable[[int], Sequence[torch.fx.Node]], *, gqa: bool
+) -> str:
+    """The attention rewrites of a proven cell template, in order: batched SDPA, causal masks
+    (:func:`use_causal_attention`), grouped K/V (:func:`use_gqa_attention`, when ``gqa``).
+    Returns the suffix of the template's compile-cache key that says which fired."""
+    use_batched_attention(template)
+    causal = use_causal_attention(template, sources)
+    grouped = use_gqa_attention(template, enabled=gqa)
+    return (":causal" if causal else "") + (":gqa" if grouped else "")
+
+
 def _depends_on(node: torch.fx.Node, root: torch.fx.Node) -> bool:
     pending, seen = [node], set()
     while pending:
@@ -529,7 +535,7 @@ class StepCompiler:
             aten, makers = fuse_horizontal_gemms(aten, static)
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
-        patches = {**STEP_INDUCTOR_DEFAULTS, **config.inductor}
+        patches = dict(config.inductor)
         example = [*args, *(make(args) for make in makers)]
         with torch.no_grad():
             compiled = compile_fx(aten, example, config_patches=patches)

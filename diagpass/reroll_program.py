@@ -35,7 +35,7 @@ from diagpass.config import DiagbatchConfig
 from diagpass import placement
 from diagpass.graphs import program_graphs
 from diagpass.hoist import HoistedChunk, split_invariant
-from diagpass.lower import StepCompiler, compile_chunk, use_batched_attention, use_causal_attention, use_gqa_attention
+from diagpass.lower import StepCompiler, compile_chunk, prepare_attention, use_batched_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, per_segment_list, walk_arg
 from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups, step_in_dims
@@ -158,14 +158,14 @@ class RerolledProgram:
         self._plans: dict[str, _VariantPlan] = {}
         for name, template in (("steady", steady_t), ("first", first_t)):
             module = build_template_module(template, templates.bindings, gm)
-            use_batched_attention(module)
             # A mask proven causal for every cell of the probe becomes is_causal (lower.py): the
             # template stops reading it, and the chunks stop computing it (_build_form).
             cells = template.cells
-            causal = use_causal_attention(module, lambda slot, cells=cells: [templates.bindings[c].inputs[slot] for c in cells])
-            gqa = use_gqa_attention(module, enabled=config.gqa_attention)
+            suffix = prepare_attention(
+                module, lambda slot, cells=cells: [templates.bindings[c].inputs[slot] for c in cells], gqa=config.gqa_attention
+            )
             kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
-            key = template.key + (":causal" if causal else "") + (":gqa" if gqa else "")
+            key = template.key + suffix
             self._plans[name] = self._variant_plan(key, module, list(kinds), template.cells)
         self._member_keys = [k for members in self._stack_members for k in members]
         offset = 0

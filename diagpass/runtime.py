@@ -29,7 +29,7 @@ from torch._dynamo.utils import counters
 from diagpass import placement
 from diagpass.config import DiagbatchConfig
 from diagpass.graphs import ProgramGraphs, program_graphs
-from diagpass.lower import StepCompiler, use_batched_attention, use_causal_attention, use_gqa_attention
+from diagpass.lower import StepCompiler, prepare_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.template import SlotKind
 
@@ -185,9 +185,9 @@ class StepRunner(torch.nn.Module):
 
 def lane_view(values: Sequence[Any]) -> torch.Tensor | None:
     """``values`` stacked along a new dim 0, as a view, when no copy is needed: one tensor
-    (``v.unsqueeze(0)``), the same tensor for every lane (an ``expand``), or tensors of one storage with one shape and strides, at evenly
-    spaced, non-overlapping offsets (the lanes ``out[a]``, ..., ``out[a+n-1]`` of a step's
-    output ``out``). ``None`` otherwise.
+    (``v.unsqueeze(0)``), the same tensor for every lane (an ``expand``), or tensors of one
+    storage with one shape and strides at evenly spaced, non-overlapping offsets (the lanes
+    ``out[a]``, ..., ``out[a+n-1]`` of a step's output ``out``). ``None`` otherwise.
     """
     first = values[0] if values else None
     if not isinstance(first, torch.Tensor):
@@ -347,9 +347,9 @@ def build_program(
                 stack_members.append(list(members))
             stack_ids[slot] = stack_index[members]
         module = build_template_module(template, bindings, gm)
-        use_batched_attention(module)
-        causal = use_causal_attention(module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells])
-        gqa = use_gqa_attention(module, enabled=config.gqa_attention)
+        suffix = prepare_attention(
+            module, lambda slot, cells=template.cells: [bindings[c].inputs[slot] for c in cells], gqa=config.gqa_attention
+        )
         slot_kinds = placement.unused_slots(module, template.slot_kinds) if placement.DROP_UNUSED else template.slot_kinds
         for slot, kind in enumerate(slot_kinds):
             if kind == "unused":
@@ -357,7 +357,7 @@ def build_program(
         plans.append(
             _VariantPlan(
                 template=module,
-                key=template.key + (":causal" if causal else "") + (":gqa" if gqa else ""),
+                key=template.key + suffix,
                 slot_kinds=list(slot_kinds),  # type: ignore[arg-type]
                 in_dims=step_in_dims(slot_kinds),
                 layers=layers,

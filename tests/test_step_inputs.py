@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from unittest import mock
 
 import pytest
@@ -163,7 +164,7 @@ def _repeat_kv_template(*, masked: bool, n_rep: int, dim: int = 2) -> torch.fx.G
     for source in (k, v):
         source.meta["example_value"] = torch.empty(B, H_kv, T, D)
         index = (slice(None),) * dim + (None,)
-        item = graph.call_function(__import__("operator").getitem, (source, index))
+        item = graph.call_function(operator.getitem, (source, index))
         item.meta["example_value"] = torch.empty(B, H_kv, T, D).unsqueeze(dim)
         wide = (B, H_kv, n_rep, T, D) if dim == 2 else (B, H_kv, T, n_rep, D)
         expand = graph.call_method("expand", (item, *wide))
@@ -213,7 +214,7 @@ def test_split_invariant_moves_what_every_segment_shares() -> None:
     cos = graph.call_method("cos", (table,))
     cos.meta["example_value"] = torch.empty(5, 4)
     noise = graph.call_function(torch.rand_like, (cos,))  # random: never hoisted
-    seg = graph.call_function(operator_getitem, (ids, (slice(None), slice(s, None))))
+    seg = graph.call_function(operator.getitem, (ids, (slice(None), slice(s, None))))
     out = graph.call_function(torch.add, (hidden, cos))
     graph.output((out, seg, noise))
     module = torch.fx.GraphModule(torch.nn.Module(), graph)
@@ -230,10 +231,6 @@ def test_split_invariant_moves_what_every_segment_shares() -> None:
     partial = split_invariant(module, global_inputs=[])
     assert partial is not None and partial.moved == 2
     assert not any(node.op == "call_method" and node.target == "cos" for node in partial.invariant.graph.nodes)
-
-
-def operator_getitem(a, b):  # type: ignore[no-untyped-def]
-    return a[b]
 
 
 def test_chunks_hoisted_and_compiled_stay_exact() -> None:
