@@ -50,12 +50,10 @@ def _set_blocks(nargs):
     nargs["u_desc"].block_shape = [bn, bk]
 
 
-@triton.autotune(configs=configs(), key=["M", "N", "K"])
 @triton.jit
-def _swiglu_kernel(a_desc, g_desc, u_desc, out_ptr, M, N, K, stride_og, stride_om,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    lane = tl.program_id(1)
+def _swiglu_tile(a_desc, g_desc, u_desc, out_ptr, lane, pid, M, N, K, stride_og, stride_om,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BM, BN] output tile of lane ``lane``: ``silu(a @ g^T) * (a @ u^T)``, rounded as eager."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     width = GROUP_M * num_n
@@ -83,18 +81,30 @@ def _swiglu_kernel(a_desc, g_desc, u_desc, out_ptr, M, N, K, stride_og, stride_o
     tl.store(ptrs, h, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def swiglu_bmm(x, wg, wu):
+@triton.autotune(configs=configs(), key=["M", "N", "K"])
+@triton.jit
+def _swiglu_kernel(a_desc, g_desc, u_desc, out_ptr, M, N, K, stride_og, stride_om,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    _swiglu_tile(a_desc, g_desc, u_desc, out_ptr, tl.program_id(1), tl.program_id(0), M, N, K, stride_og, stride_om,
+                 BM, BN, BK, GROUP_M)
+
+
+def _operands(x, wg, wu):
+    """The output and the TMA descriptors of ``x`` [G, M, K], ``wg``/``wu`` [G, N, K] (block
+    shapes are set per config by ``_set_blocks``)."""
     G, M, K = x.shape
     N = wg.shape[1]
     out = torch.empty(G, M, N, dtype=x.dtype, device=x.device)
     dummy = [8, 8]
-    a_desc = TensorDescriptor.from_tensor(x.view(G * M, K), dummy)
-    g_desc = TensorDescriptor.from_tensor(wg.view(G * N, K), dummy)
-    u_desc = TensorDescriptor.from_tensor(wu.view(G * N, K), dummy)
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)
-    _swiglu_kernel[grid](a_desc, g_desc, u_desc, out, M, N, K, out.stride(0), out.stride(1))
-    return out
+    descs = [TensorDescriptor.from_tensor(t.view(-1, K), dummy) for t in (x, wg, wu)]
+    return out, descs, (G, M, N, K)
 
+
+def swiglu_bmm(x, wg, wu):
+    out, descs, (G, M, N, K) = _operands(x, wg, wu)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)
+    _swiglu_kernel[grid](*descs, out, M, N, K, out.stride(0), out.stride(1))
+    return out
 
 
 def pconfigs():
@@ -111,54 +121,19 @@ def pconfigs():
 def _swiglu_persistent(a_desc, g_desc, u_desc, out_ptr, M, N, K, G, stride_og, stride_om, NUM_SMS: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        WS: tl.constexpr, FLAT: tl.constexpr):
-    start_pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_lane = num_m * num_n
-    num_tiles = per_lane * G
-    k_tiles = tl.cdiv(K, BK)
-    width = GROUP_M * num_n
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLAT, warp_specialize=WS):
-        lane = tile_id // per_lane
-        pid = tile_id % per_lane
-        group = pid // width
-        first_m = group * GROUP_M
-        gsize = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % gsize
-        pid_n = (pid % width) // gsize
-        row_a = lane * M + pid_m * BM
-        row_b = lane * N + pid_n * BN
-        acc_g = tl.zeros((BM, BN), tl.float32)
-        acc_u = tl.zeros((BM, BN), tl.float32)
-        for ki in range(k_tiles):
-            k = ki * BK
-            a = a_desc.load([row_a, k])
-            g = g_desc.load([row_b, k])
-            u = u_desc.load([row_b, k])
-            acc_g = tl.dot(a, g.T, acc_g)
-            acc_u = tl.dot(a, u.T, acc_u)
-        gb = acc_g.to(tl.bfloat16).to(tl.float32)
-        ub = acc_u.to(tl.bfloat16).to(tl.float32)
-        h = (gb * tl.sigmoid(gb) * ub).to(tl.bfloat16)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        ptrs = out_ptr + lane * stride_og + rm[:, None] * stride_om + rn[None, :]
-        tl.store(ptrs, h, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    per_lane = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile_id in tl.range(tl.program_id(0), per_lane * G, NUM_SMS, flatten=FLAT, warp_specialize=WS):
+        _swiglu_tile(a_desc, g_desc, u_desc, out_ptr, tile_id // per_lane, tile_id % per_lane, M, N, K,
+                     stride_og, stride_om, BM, BN, BK, GROUP_M)
 
 
 NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def swiglu_persistent(x, wg, wu):
-    G, M, K = x.shape
-    N = wg.shape[1]
-    out = torch.empty(G, M, N, dtype=x.dtype, device=x.device)
-    dummy = [8, 8]
-    a_desc = TensorDescriptor.from_tensor(x.view(G * M, K), dummy)
-    g_desc = TensorDescriptor.from_tensor(wg.view(G * N, K), dummy)
-    u_desc = TensorDescriptor.from_tensor(wu.view(G * N, K), dummy)
+    out, descs, (G, M, N, K) = _operands(x, wg, wu)
     grid = lambda meta: (min(NUM_SMS, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]) * G),)
-    _swiglu_persistent[grid](a_desc, g_desc, u_desc, out, M, N, K, G, out.stride(0), out.stride(1), NUM_SMS)
+    _swiglu_persistent[grid](*descs, out, M, N, K, G, out.stride(0), out.stride(1), NUM_SMS)
     return out
 
 
