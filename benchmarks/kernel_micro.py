@@ -2,7 +2,7 @@
 against cuBLAS + Inductor's SiLU·mul, and SDPA on grouped K/V (``enable_gqa``) against
 ``repeat_kv`` copies, per SDPA backend, with exactness against each other.
 
-    python benchmarks/kernel_micro.py            # both; or: ... mlp / ... sdpa
+    python benchmarks/kernel_micro.py            # both; or: ... mlp / ... sdpa / ... gemm
     OUT=dir python benchmarks/kernel_micro.py    # JSON to dir/micro.json (default /tmp)
 
 Shapes: a steady diagonal of Llama-3.2-1B ARMT cells (16 lanes, 1152 rows). Timing: CUDA events
@@ -232,6 +232,53 @@ if "sdpa" in sys.argv[1:] or len(sys.argv) == 1:
         sres[k_ + "_ms"] = v_
     print(json.dumps(sres, indent=1), flush=True)
     results.update(sres)
+
+if "gemm" in sys.argv[1:]:
+    # The step's bmm shapes [G, M, K] x [G, K, N] (weights stored [G, N, K]): cuBLAS's default
+    # algorithm against cuBLASLt and against TunableOp's pick among the cuBLASLt algorithms.
+    shapes = {"q_o": (2048, 2048), "k_v": (2048, 512), "gate_up": (2048, 8192), "down": (8192, 2048),
+              "w_mq": (2048, 64), "mem_read": (384, 2048)}
+    g = {}
+    for lanes in (16, 8):
+        for name, (k_, n_) in shapes.items():
+            a = torch.randn(lanes, M, k_, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(lanes, n_, k_, device=dev, dtype=torch.bfloat16) * 0.02
+            fn = lambda: torch.bmm(a, w.transpose(1, 2))
+            flop = 2 * lanes * M * k_ * n_
+            key = f"{name}_g{lanes}"
+            ref = fn()
+            g[key + "_default_ms"] = bench(fn)
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            try:
+                out = fn()
+                g[key + "_cublaslt_ms"] = bench(fn)
+                g[key + "_cublaslt_equal"] = bool(torch.equal(out, ref))
+            finally:
+                torch.backends.cuda.preferred_blas_library("cublas")
+            torch.cuda.tunable.enable(True)
+            torch.cuda.tunable.tuning_enable(True)
+            torch.cuda.tunable.set_max_tuning_duration(200)
+            try:
+                t0 = time.time()
+                out = fn()
+                torch.cuda.synchronize()
+                g[key + "_tune_s"] = time.time() - t0
+                g[key + "_tunable_ms"] = bench(fn)
+                g[key + "_tunable_equal"] = bool(torch.equal(out, ref))
+                g[key + "_tunable_rel"] = rel(out, ref)
+            except Exception as exc:  # noqa
+                g[key + "_tunable_err"] = str(exc)[:200]
+            finally:
+                torch.cuda.tunable.enable(False)
+            g[key + "_default_tflops"] = flop / g[key + "_default_ms"] / 1e9
+            best = min(v for k2, v in g.items() if k2.startswith(key) and k2.endswith("_ms"))
+            g[key + "_best_tflops"] = flop / best / 1e9
+            print(key, {k2[len(key) + 1:]: (round(v, 4) if isinstance(v, float) else v) for k2, v in g.items() if k2.startswith(key + "_")}, flush=True)
+    try:
+        g["tunable_results"] = [list(map(str, r)) for r in torch.cuda.tunable.get_results()][:40]
+    except Exception as exc:  # noqa
+        g["tunable_results"] = str(exc)[:200]
+    results.update(g)
 
 json.dump(results, open(os.path.join(OUT, "micro.json"), "w"), indent=1)
 print("\nkernel            ms")

@@ -33,6 +33,7 @@ import torch
 
 import diagpass
 from diagpass import models
+from kernel_kinds import kernel_kind
 
 PEERS = ("full", "eager", "layers", "model", "diagbatch", "ablation")
 
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if args.profile and name == "diagbatch":
                     result["profile"] = profile_split(lambda: compiled(ids))
-                    print(f"  {tokens:>7} profile    {result['profile']['split']}", flush=True)
+                    print(f"  {tokens:>7} profile    {result['profile']['split']} idle {result['profile']['idle']}", flush=True)
                 if args.check and name == "diagbatch":
                     result["check"] = bf16_check(armt, compiled, ids)
                     print(f"  {tokens:>7} check      {result['check']}", flush=True)
@@ -367,7 +368,7 @@ def measure_anylength(
     )
     if args.profile:
         result["profile"] = profile_split(lambda: anylength(ids))
-        print(f"  {ids.shape[1]:>7} profile    {result['profile']['split']}", flush=True)
+        print(f"  {ids.shape[1]:>7} profile    {result['profile']['split']} idle {result['profile']['idle']}", flush=True)
     if args.check:
         result["check"] = bf16_check(armt, anylength, ids)
         print(f"  {ids.shape[1]:>7} check      {result['check']}", flush=True)
@@ -399,24 +400,48 @@ def profile_split(fn: Callable[[], Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
     split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     kernels: dict[str, float] = {}
+    intervals: list[tuple[float, float]] = []
+    host_start = None
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
+            start = event.time_range.start
+            host_start = start if host_start is None else min(host_start, start)
             continue
         name = event.name
         us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
-        lower = name.lower()
-        if any(k in lower for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm_", "bmm", "triton_tem")):
-            kind = "gemm"
-        elif any(k in lower for k in ("flash", "attention", "fmha", "sdpa")):
-            kind = "attention"
-        else:
-            kind = "other"
+        kind = kernel_kind(name)
         split[kind] += us / 1e6
         kernels[name[:90]] = kernels.get(name[:90], 0.0) + us / 1e6
+        intervals.append((event.time_range.start, event.time_range.end))
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
     for name, seconds in top:
         print(f"      {seconds * 1e3:9.2f} ms  {name}")
-    return {"split": {k: round(v, 4) for k, v in split.items()}, "top": top}
+    return {"split": {k: round(v, 4) for k, v in split.items()}, "top": top, "idle": idle_gaps(intervals, host_start)}
+
+
+def idle_gaps(intervals: list[tuple[float, float]], host_start: float | None) -> dict[str, Any]:
+    """Where the device idles in one call (microsecond intervals of its kernels): before the
+    first kernel (host work before anything is launched), and between kernels, by gap size."""
+    if not intervals:
+        return {}
+    intervals = sorted(intervals)
+    bins = {"under_2us": [0, 0.0], "2_to_5us": [0, 0.0], "5_to_20us": [0, 0.0], "over_20us": [0, 0.0]}
+    busy, end = 0.0, intervals[0][0]
+    for start, stop in intervals:
+        gap = start - end
+        if gap > 0:
+            key = "under_2us" if gap < 2 else "2_to_5us" if gap < 5 else "5_to_20us" if gap < 20 else "over_20us"
+            bins[key][0] += 1
+            bins[key][1] += gap / 1e3
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - intervals[0][0]
+    return {
+        "lead_ms": round((intervals[0][0] - host_start) / 1e3, 3) if host_start is not None else None,
+        "span_ms": round(span / 1e3, 3),
+        "busy_ms": round(busy / 1e3, 3),
+        "gaps": {k: {"count": c, "ms": round(ms, 3)} for k, (c, ms) in bins.items()},
+    }
 
 
 def bf16_check(model: Any, compiled: Any, ids: torch.Tensor) -> dict[str, float]:

@@ -33,6 +33,7 @@ import torch
 import diagpass
 from diagpass import lower, models
 from diagpass.config import parse_options
+from kernel_kinds import kernel_kind
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"fuse": False, "causal": False, "late": False},
@@ -44,13 +45,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all_cg": {"fuse": True, "causal": True, "late": True, "options": {"cudagraphs": True}},
     "rr2": {"fuse": False, "causal": True, "late": True, "options": {"inductor": {"realize_reads_threshold": 2}}},
     "rr1": {"fuse": False, "causal": True, "late": True, "options": {"inductor": {"realize_reads_threshold": 1}}},
+    "carry": {"fuse": False, "causal": True, "late": True, "carry": True},
+    "carry_cdt": {"fuse": False, "causal": True, "late": True, "carry": True, "options": {"inductor": {"coordinate_descent_tuning": True}}},
 }
 """fuse: diagpass.fuse (GEMMs sharing an input); causal: masks proven causal become
 is_causal=True (lower.use_causal_attention) and the unread mask inputs are dropped
 (placement.unused_slots); late: the prologue of a segment just before its first step
 (diagpass.placement); options: extra diagbatch options (e.g. CUDA graphs, Inductor's
 ``realize_reads_threshold``: rr2 / rr1 materialise the residual stream once instead of
-recomputing it in each reader)."""
+recomputing it in each reader); carry: the step writes its hidden-state output one lane up
+after the next segment's input (``lower.with_carry``, ``carry_lanes``), as diagpass.compile
+does in the steady state."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +121,7 @@ def kernel_table(fn: Callable[[], Any], runs: int, trace: str | None = None) -> 
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
     intervals = []
+    sequence: list[tuple[float, str, float]] = []  # (start, name, us) of every kernel
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -125,15 +131,10 @@ def kernel_table(fn: Callable[[], Any], runs: int, trace: str | None = None) -> 
         entry[1] += 1
         tr = event.time_range
         intervals.append((tr.start, tr.end))
+        sequence.append((tr.start, event.name[:80], us))
     split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for name, (ms, _) in kernels.items():
-        lower_name = name.lower()
-        if any(k in lower_name for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm_", "bmm", "triton_tem")):
-            split["gemm"] += ms
-        elif any(k in lower_name for k in ("flash", "attention", "fmha", "sdpa", "cudnn")):
-            split["attention"] += ms
-        else:
-            split["other"] += ms
+        split[kernel_kind(name)] += ms
     intervals.sort()
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in intervals:
@@ -160,6 +161,8 @@ def kernel_table(fn: Callable[[], Any], runs: int, trace: str | None = None) -> 
         "idle_ms": round((span - busy) / 1e3 / runs, 3),
         "launches": round(sum(c for _, c in kernels.values()) / runs, 1),
         "top": [(name, round(ms, 4), count // runs) for name, (ms, count) in top],
+        # one run's kernels in launch order, with their microseconds
+        "sequence": [(name, round(us, 1)) for _, name, us in sorted(sequence)[: len(sequence) // max(runs, 1)]],
     }
 
 
@@ -212,6 +215,19 @@ def _force_causal(template: Any) -> Any:
     return template
 
 
+def _carry_of(template: Any, call: dict[str, Any], wide: list[Any]) -> tuple[int, torch.Tensor]:
+    """The carried output (the hidden states: the first output shaped like a per-cell, non-static
+    input) and a head for it (one lane of that input)."""
+    with torch.no_grad():
+        outs = lower.batched_template(template, call["in_dims"])(*wide)
+    inputs = [v for v, dim, static in zip(wide, call["in_dims"], call["static"]) if dim is not None and not static]
+    for value in sorted((v for v in inputs if isinstance(v, torch.Tensor)), key=lambda v: -v.numel()):  # the largest
+        for index, out in enumerate(outs):
+            if out.shape == value.shape and out.dtype == value.dtype:
+                return index, value[0].clone()
+    raise SystemExit("carry: no output is shaped like a per-cell input")
+
+
 def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> None:
     from diagpass.backend import step_compiler
 
@@ -251,21 +267,29 @@ def step_ab(args: argparse.Namespace, armt: Any, results: dict[str, Any]) -> Non
         config = parse_options({"compiler": "inductor", "pad": "max", **spec.get("options", {})})
         compiler = lower.StepCompiler()
         template = _force_causal(call["template"]) if spec["causal"] else call["template"]
+        carry, step_args = None, wide
+        if spec.get("carry"):
+            carry, head = _carry_of(template, call, wide)
+            step_args = [*wide, head]
         t0 = time.perf_counter()
         step, _ = compiler.get(
-            key=call["key"], template=template, in_dims=call["in_dims"], args=wide, batch=G,
-            config=config, static=call["static"],
+            key=call["key"], template=template, in_dims=call["in_dims"], args=step_args, batch=G,
+            config=config, static=call["static"], carry=carry,
         )
         compile_s = time.perf_counter() - t0
         with torch.no_grad():
-            outputs[name] = [o.float() for o in step.fn(*wide)]
-            ms = cuda_median(lambda: step.fn(*wide), args.iters)
-            table = kernel_table(lambda: step.fn(*wide), 5, trace=f"{args.trace_dir}/step_{name}" if args.trace_dir else None)
+            outs = list(step.fn(*step_args))
+            if carry is not None:
+                outs[carry] = outs[carry][1:]  # lane 0 is the head
+            outputs[name] = [o.float() for o in outs]
+            ms = cuda_median(lambda: step.fn(*step_args), args.iters)
+            table = kernel_table(lambda: step.fn(*step_args), 5, trace=f"{args.trace_dir}/step_{name}" if args.trace_dir else None)
         err = None
-        if "base" in outputs and name != "base":
-            err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(outputs[name], outputs["base"]))
+        reference = "base" if "base" in outputs else next(iter(outputs))  # else the first variant
+        if name != reference:
+            err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(outputs[name], outputs[reference]))
         results["step"][name] = {"ms": ms, "compile_s": compile_s, "gemms": step.batched_gemms, "rel_err_vs_base": err, **table}
-        print(f"step {name}: {ms:.3f} ms (compile {compile_s:.1f} s, {step.batched_gemms} bmm, err vs base {err})", flush=True)
+        print(f"step {name}: {ms:.3f} ms (compile {compile_s:.1f} s, {step.batched_gemms} bmm, err vs {reference} {err})", flush=True)
         print_table(name, table)
     # the per-step gather of the cells' hidden states (StepRunner's torch.stack)
     per_cell = [v for v, d, s in zip(call["args"], call["in_dims"], call["static"]) if d is not None and not s]

@@ -59,9 +59,15 @@ class DiagbatchConfig:
     """Let a step read its cells' inputs in place, as a view instead of a stacked copy, where
     they already lie as consecutive lanes of an earlier step's output (ARMT's memory: lane l
     of one diagonal is layer l's state for the next) or are one tensor for every cell (the
-    hoisted rotary tables). The hidden states, shifted by one lane with the new segment's
-    embedding in front, are still stacked. Off: every per-cell input is stacked (one copy per
-    step). Only for templates that write no tensor in place."""
+    hoisted rotary tables). Off: every per-cell input is stacked (one copy per step). Only
+    for templates that write no tensor in place."""
+
+    carry_lanes: bool = True
+    """``diagpass.compile`` only, with ``lane_views``: a step whose lane l feeds lane l+1 of
+    the next step (the hidden states, layer l to layer l+1) writes that output one lane up,
+    into a buffer whose lane 0 is the next segment's input (its prologue runs one step
+    earlier), so the next step reads its hidden states in place too. Exact: the same values
+    in other memory. Off: the shifted hidden states are stacked (one copy per step)."""
 
     compiler: StepCompiler = "inductor"
     """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to

@@ -350,6 +350,24 @@ def single_cell(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -
     return step
 
 
+def with_carry(step: Callable[..., Any], carry: int) -> Callable[..., Any]:
+    """``step`` with one more argument, ``head`` (last), and its output ``carry`` written one
+    lane up: ``cat([head[None], out])`` [G+1, ...], so that lanes ``0..G-1`` of the result are
+    the next step's input for that slot (``head`` is the next segment's), read in place.
+
+    Inductor lays the producer of ``out`` (the residual add) out inside the cat's buffer, so
+    the hidden states are still written once; only ``head`` (one lane) is copied.
+    """
+
+    def carried(*args: Any) -> tuple[torch.Tensor, ...]:
+        *slots, head = args
+        outputs = tuple(step(*slots))
+        shifted = torch.cat([head.unsqueeze(0), outputs[carry]])  # [G+1, ...]
+        return (*outputs[:carry], shifted, *outputs[carry + 1 :])
+
+    return carried
+
+
 def count_batched_gemms(gm: torch.fx.GraphModule) -> int:
     """Batched/grouped GEMM nodes in an ATen graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(_BATCHED_GEMMS))
@@ -461,8 +479,15 @@ class StepCompiler:
         batch: int,
         config: DiagbatchConfig,
         static: Sequence[bool] = (),
+        carry: int | None = None,
     ) -> tuple[CompiledStep, bool]:
-        """The compiled step for these inputs, and whether it was compiled just now."""
+        """The compiled step for these inputs, and whether it was compiled just now.
+
+        ``carry``: the step takes one more argument after the slots, ``head``, and returns
+        output ``carry`` one lane up after it (:func:`with_carry`).
+        """
+        if carry is not None and static:
+            static = [*static, False]  # head: a new value at every call
         devices = tuple(sorted({a.device.type for a in args if isinstance(a, torch.Tensor)}))
         cache_key = (
             key,
@@ -477,6 +502,7 @@ class StepCompiler:
             config.cudagraph_lanes,
             FUSE_GEMMS,
             tuple(sorted(config.inductor.items())),
+            carry,
         )
         step = self._cache.get(cache_key)
         if step is not None:
@@ -487,12 +513,18 @@ class StepCompiler:
         if config.compiler == "eager":
             # One cell: run the template itself; vmap's per-op dispatch would cost more than the ops.
             fn = single_cell(template, in_dims) if batch == 1 else batched
+            if carry is not None:
+                fn = with_carry(fn, carry)
             step = CompiledStep(fn=fn, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
+            if carry is not None:
+                batched = with_carry(batched, carry)
             step = self._inductor(batched, args, batch, config, start, static)
         if (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
+        if carry is not None:
+            counters["diagpass"]["carried_step_compiles"] += 1
         log.info(
             "compiled a step of %d cells (%s) in %.2fs, %d batched GEMMs",
             batch,

@@ -14,6 +14,13 @@ times one batched step per template variant (first segment, steady, short last s
 through the same :class:`~diagpass.runtime.StepRunner` and compiled-step cache as the
 ``diagbatch`` backend. Values are dropped after their last reader, so nothing grows with
 the number of segments but the outputs.
+
+Carried lanes (``carry_lanes``): lane l of a steady diagonal feeds lane l+1 of the next (the
+hidden states, layer l to layer l+1), and lane 0 of the next is the new segment's input.
+Where that is proven on the template's refs (:meth:`RerolledProgram._find_carry`), the new
+segment's first chunk runs one step early and the step writes its hidden states one lane up
+after it (:func:`diagpass.lower.with_carry`): the next step reads all its hidden states in
+place, as a lane view, instead of stacking a copy.
 """
 
 from __future__ import annotations
@@ -100,6 +107,9 @@ class RunStats:
     """Inductor time spent in this run (new step shapes only)."""
     peak_live_segments: int = 0
     """Most segments whose values were alive at once (bounded by L+2, whatever S is)."""
+    carried_steps: int = 0
+    """Steps that wrote their hidden states one lane up, for the next step to read in place
+    (``carry_lanes``)."""
     graph: str = "off"
     """How the run used a CUDA graph of the whole program (:class:`~diagpass.graphs.ProgramGraphs`):
     ``"off"``, ``"warm-up"`` (first call at this length), ``"captured"``, ``"replayed"`` or
@@ -194,6 +204,9 @@ class RerolledProgram:
         self._forms["tail"] = self._build_form(
             "tail", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits, all_slots=True
         )
+        self._carry_position = self._find_carry()
+        self.carry = self._plans["steady"].carry
+        """``(slot, output)`` of the steady template's carried lanes, or ``None``."""
         self._pre = self._build_outer("pre")
         self._post = self._build_outer("post")
         self._layouts: OrderedDict[tuple[int, int], _Layout] = OrderedDict()
@@ -203,6 +216,38 @@ class RerolledProgram:
         self.graphs = program_graphs(config, name="diagpass.compile program")
 
     # -- construction -------------------------------------------------------------------------
+
+    def _find_carry(self) -> int | None:
+        """Prove the hidden-state carry of the steady template, set ``plan.carry``, and return
+        the unit position of layer 0's input for that slot (``None``: no carry).
+
+        The carry: a per-cell slot whose input at layer l >= 1 is output k of layer l-1 in the
+        same unit, and whose input at layer 0 comes from the unit's first chunk reading only
+        the graph's inputs and ``pre`` values (so it can run one step early, while the step
+        before writes that buffer). Only with lane views on a template that writes nothing in
+        place: otherwise the next step would stack the lanes anyway.
+        """
+        plan, form = self._plans["steady"], self._forms["steady"]
+        if not (self.config.carry_lanes and self.config.lane_views) or self.num_layers < 2:
+            return None
+        if any(placement._mutates(node) for node in plan.template.graph.nodes):
+            return None
+        prologue = form.chunks.get(0)
+        if prologue is None or any(ref[0] not in ("G", "PRE") for ref in prologue.ext):
+            return None
+        for slot, kind in enumerate(plan.slot_kinds):
+            head = form.cell_inputs[0][slot]
+            if kind != "per_cell" or head[0] != "L" or head[1] not in prologue.outputs:
+                continue
+            for output in range(len(form.cell_outputs[0])):
+                if all(
+                    form.cell_inputs[layer][slot] == ("L", form.cell_outputs[layer - 1][output])
+                    for layer in range(1, self.num_layers)
+                ):
+                    plan.carry = (slot, output)
+                    log.debug("steady template: output %d carries into slot %d of the next layer", output, slot)
+                    return head[1]
+        return None
 
     def _variant_plan(
         self, key: str, module: torch.fx.GraphModule, slot_kinds: list[Any], cells: list[tuple[int, int]]
@@ -616,8 +661,47 @@ class RerolledProgram:
                 if pos not in keep:
                     env.pop(pos, None)
 
+        def run_chunk(s: int, form: _Form, chunk: _Chunk) -> None:
+            n = last if s == segments - 1 else T
+            ext_values = [resolve(r, s) for r in chunk.ext]
+            split = chunk.hoisted
+            if split is None:
+                fn, chunk_args = chunk.module, ext_values
+            else:
+                invariant = hoisted.get((id(chunk), n))
+                if invariant is None:  # once per run and length: e.g. the rotary tables
+                    invariant = split.invariant(n, *[ext_values[i] for i in split.invariant_inputs])
+                    hoisted[(id(chunk), n)] = invariant
+                fn, chunk_args = split.variant, [*ext_values, *invariant]
+            # A chunk that does not read s (the last norm) runs as Inductor kernels.
+            kernels = self._chunk_kernels(chunk, fn, n, chunk_args) if chunk.s_free and form.name != "tail" else None
+            values = kernels(*chunk_args) if kernels is not None else fn(s, n, *chunk_args)
+            for pos, value in zip(chunk.outputs, values):
+                store(s, form, pos, value)
+
+        steady_plan = self._plans["steady"]
+        carry_position = self._carry_position
+        early: set[int] = set()  # segments whose first chunk ran a step early, for the carry
+
+        def head_for(d: int, group: StepGroup) -> torch.Tensor | None:
+            """The carried slot's input of the next step's lane 0, when this group's lanes are
+            layers 0..G-1 (no padding) and the next step starts a steady segment."""
+            if carry_position is None or runner.plans[group.variant] is not steady_plan:
+                return None
+            if group.cells[0][0] != 0 or len(group.cells) != len(group.lanes):
+                return None
+            s = d + 1
+            if s >= segments or form_of(s).name != "steady":
+                return None
+            if s not in early:
+                envs.setdefault(s, {})
+                run_chunk(s, form_of(s), form_of(s).chunks[0])
+                early.add(s)
+            return envs[s][carry_position]
+
         last_time = 2 * (segments - 1) + 2 * L
         peak_live = 0
+        carried_steps = 0
         # Under torch.profiler each time gets a range ("diagpass.t<t>"): benchmarks/timeline.py
         # attributes the device's idle gaps to them. Off the profiler this costs one check a run.
         profiling = torch.autograd.profiler._is_profiler_enabled
@@ -631,24 +715,9 @@ class RerolledProgram:
                     envs.setdefault(s, {})
                     form = form_of(s)
                     chunk = form.chunks.get(t - 2 * s)
-                    if chunk is None:
+                    if chunk is None or (t == 2 * s and s in early):
                         continue
-                    n = last if s == segments - 1 else T
-                    ext_values = [resolve(r, s) for r in chunk.ext]
-                    split = chunk.hoisted
-                    if split is None:
-                        fn, chunk_args = chunk.module, ext_values
-                    else:
-                        invariant = hoisted.get((id(chunk), n))
-                        if invariant is None:  # once per run and length: e.g. the rotary tables
-                            invariant = split.invariant(n, *[ext_values[i] for i in split.invariant_inputs])
-                            hoisted[(id(chunk), n)] = invariant
-                        fn, chunk_args = split.variant, [*ext_values, *invariant]
-                    # A chunk that does not read s (the last norm) runs as Inductor kernels.
-                    kernels = self._chunk_kernels(chunk, fn, n, chunk_args) if chunk.s_free and form.name != "tail" else None
-                    values = kernels(*chunk_args) if kernels is not None else fn(s, n, *chunk_args)
-                    for pos, value in zip(chunk.outputs, values):
-                        store(s, form, pos, value)
+                    run_chunk(s, form, chunk)
             else:
                 d = (t - 1) // 2
                 for group_id in layout.by_step[d]:
@@ -661,7 +730,12 @@ class RerolledProgram:
                             args.append(resolve(form_of(s).cell_inputs[layer][slot], s))
                         elif kind == "per_cell":
                             args.extend(resolve(form_of(s).cell_inputs[layer][slot], s) for layer, s in group.cells)
-                    outputs = runner(group_id, stacks, *args)
+                    head = head_for(d, group)
+                    outputs = runner(group_id, stacks, *args, head=head)
+                    if head is not None:  # lane 0 of the buffer the next step reads in place
+                        *outputs, carried = outputs
+                        carried_steps += 1
+                        store(d + 1, form_of(d + 1), carry_position, carried)  # type: ignore[arg-type]
                     index = 0
                     for layer, s in group.cells:
                         form = form_of(s)
@@ -692,5 +766,6 @@ class RerolledProgram:
             batched_calls=len(layout.groups),
             compile_s=runner.compile_s - compile_before,
             peak_live_segments=peak_live,
+            carried_steps=carried_steps,
         )
         return tuple(outputs), stats

@@ -68,6 +68,10 @@ class _VariantPlan:
     """by_layer slot -> index into the program's weight stacks."""
     config: DiagbatchConfig | None = None
     """Overrides the program's config for this variant's steps (e.g. an eager short tail)."""
+    carry: tuple[int, int] | None = None
+    """``(slot, output)``: output ``output`` of lane l is slot ``slot`` of lane l+1 at the next
+    step (the hidden states). A step given a ``head`` then writes it one lane up
+    (:func:`diagpass.lower.with_carry`). ``None``: no such pair was proven."""
 
 
 class WeightStacks(torch.nn.Module):
@@ -114,7 +118,7 @@ class StepRunner(torch.nn.Module):
         self.compile_s = 0.0
         self.batched_gemms = 0
         self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
-        self._resolved: dict[int, Any] = {}  # group id -> its CompiledStep
+        self._resolved: dict[tuple[int, int | None], Any] = {}  # (group id, carry) -> its CompiledStep
         self._readonly: dict[int, bool] = {}  # id(plan) -> its template writes no tensor in place
 
     def _lane_view(self, plan: _VariantPlan, values: Sequence[Any]) -> torch.Tensor | None:
@@ -127,7 +131,13 @@ class StepRunner(torch.nn.Module):
             readonly = self._readonly[id(plan)] = not any(placement._mutates(n) for n in plan.template.graph.nodes)
         return lane_view(values) if readonly else None
 
-    def forward(self, group_id: int, stacks: list[torch.Tensor], *inputs: Any) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, group_id: int, stacks: list[torch.Tensor], *inputs: Any, head: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The cells' outputs, cell by cell. With ``head`` (the input of slot ``plan.carry[0]``
+        of the next step's lane 0; needs ``plan.carry``), the step writes output
+        ``plan.carry[1]`` one lane up after it, and the result ends with that buffer's lane 0:
+        ``head``'s values, where the next step reads them in place."""
         group = self.groups[group_id]
         plan = self.plans[group.variant]
         num_cells, num_lanes = len(group.cells), len(group.lanes)
@@ -160,7 +170,12 @@ class StepRunner(torch.nn.Module):
                 else:
                     index = torch.tensor(group.lanes, device=stack.device)
                     args.append(stack.index_select(0, index))
-        step = self._resolved.get(group_id)
+        carry = None
+        if head is not None:
+            assert plan.carry is not None, "a head for a template without a proven carry"
+            carry = plan.carry[1]
+            args.append(head)
+        step = self._resolved.get((group_id, carry))
         if step is None:  # a group's argument layouts never change: look its step up once
             step, fresh = self.compiler.get(
                 key=plan.key,
@@ -170,8 +185,9 @@ class StepRunner(torch.nn.Module):
                 batch=num_lanes,
                 config=plan.config or self.config,
                 static=[kind == "by_layer" for kind in plan.slot_kinds],
+                carry=carry,
             )
-            self._resolved[group_id] = step
+            self._resolved[(group_id, carry)] = step
             if id(step) not in self.used_steps:
                 self.used_steps[id(step)] = step
                 self.batched_gemms += step.batched_gemms
@@ -180,7 +196,12 @@ class StepRunner(torch.nn.Module):
         outputs = step.fn(*args)
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
-        return tuple(out[lane] for lane in group.cell_lane for out in outputs)
+        if carry is None:
+            return tuple(out[lane] for lane in group.cell_lane for out in outputs)
+        counters["diagpass"]["carried_steps"] += 1
+        shift = [int(i == carry) for i in range(len(outputs))]  # the carried output: one lane up
+        cells = tuple(out[lane + up] for lane in group.cell_lane for out, up in zip(outputs, shift))
+        return (*cells, outputs[carry][0])
 
 
 def lane_view(values: Sequence[Any]) -> torch.Tensor | None:

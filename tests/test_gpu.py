@@ -134,6 +134,9 @@ def test_any_length_program_graph_exact() -> None:
     # large stack that moved is captured again: test_program_graphs_replay_refills_and_copies_out).
     assert hows[4] == "replayed", hows
     assert hows[5:] == ["warm-up", "warm-up", "captured", "replayed"], hows
+    # The hidden states were carried one lane up in the steady steps (read in place, exact above).
+    assert fast.report.carry is not None
+    assert any(run.stats is not None and run.stats.carried_steps > 0 for run in fast.report.runs)
 
 
 def test_backend_program_graph_exact() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -248,3 +249,101 @@ def test_chunks_hoisted_and_compiled_stay_exact() -> None:
     assert counters["diagpass"]["chunk_nodes_hoisted"] > 0
     assert counters["diagpass"]["chunk_compiles"] > 0
     assert max_rel_err(actual, expected) < 1e-5
+
+
+# --- carried lanes: a step writes its hidden states one lane up, the next reads them in place ------
+
+
+def test_with_carry_writes_the_output_one_lane_up() -> None:
+    def step(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x.sum(-1) + w  # [G, D], [G]
+
+    x, w, head = torch.randn(3, 4), torch.randn(3), torch.randn(4)
+    shifted, total = lower.with_carry(step, 0)(x, w, head)
+    assert torch.equal(shifted, torch.cat([head[None], x * 2]))  # [G+1, D]
+    assert torch.equal(total, x.sum(-1) + w)
+    untouched, summed = lower.with_carry(step, 1)(x, w, torch.tensor(7.0))
+    assert torch.equal(untouched, x * 2) and torch.equal(summed, torch.cat([torch.tensor([7.0]), x.sum(-1) + w]))
+
+
+def _carried_and_stacked(model: torch.nn.Module, ids: torch.Tensor, options: dict[str, Any]) -> tuple[Any, ...]:
+    vocab = model.config.vocab_size
+    probe = _ids(ids.shape[0], 3 * model.segment_size, vocab)
+    with torch.no_grad():
+        expected = logits_of(model(ids)).clone()
+        carried_model = diagpass.compile(model, probe, options=options)
+        carried = logits_of(carried_model(ids)).clone()
+        stacked_model = diagpass.compile(model, probe, options={**options, "carry_lanes": False})
+        stacked = logits_of(stacked_model(ids)).clone()
+    return expected, carried, stacked, carried_model, stacked_model
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None)
+@given(
+    layers=st.integers(2, 4),
+    segments=st.integers(2, 7),
+    short=st.booleans(),
+    mem=st.integers(1, 3),
+    batch=st.integers(1, 2),
+    width=st.sampled_from([32, 64]),
+)
+def test_property_carried_lanes_exact(layers: int, segments: int, short: bool, mem: int, batch: int, width: int) -> None:
+    """The hidden states carried one lane up (the default) match sequential eager, and every
+    full diagonal that starts a steady segment carries. (Bit-identity with stacking: below.)"""
+    config = models.tiny_llama_config(num_hidden_layers=layers, hidden_size=width, intermediate_size=2 * width)
+    model = models.build_armt(config=config, segment_size=8, num_mem_tokens=mem, d_mem=8, w_mv_std=0.02)
+    ids = _ids(batch, 8 * segments - (3 if short else 0), vocab=config.vocab_size, seed=segments)
+    with torch.no_grad():
+        expected = logits_of(model(ids)).clone()
+        fast = diagpass.compile(model, _ids(batch, 24, config.vocab_size), options={"compiler": "eager", "min_lanes": 1})
+        actual = logits_of(fast(ids))
+    assert max_rel_err(actual, expected) < 1e-5
+    assert fast.report.carry is not None
+    # Steps 1..S-2 start a steady segment at layer 0 (with min_lanes 1 never padded); the step
+    # before a short last segment does not carry (that segment runs its own template).
+    stats = fast.report.runs[-1].stats
+    assert stats is not None and stats.carried_steps == max(0, segments - 2 - int(short))
+
+
+@pytest.mark.slow
+def test_carried_lanes_are_read_in_place_with_inductor() -> None:
+    """Inductor steps (CPU here): bit-identical to stacking; the next step reads the carried
+    lanes as a view (one more lane view per carried step)."""
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    ids = _ids(1, 8 * 6 + 5, vocab=model.config.vocab_size, seed=4)
+    counters.clear()
+    expected, carried, stacked, carried_model, _ = _carried_and_stacked(
+        model, ids, {"compiler": "inductor", "min_lanes": 1}
+    )
+    assert torch.equal(carried, stacked)
+    assert max_rel_err(carried, expected) < 1e-5
+    assert counters["diagpass"]["carried_step_compiles"] > 0
+    runs = carried_model.report.runs[-1].stats
+    assert runs is not None and runs.carried_steps == 6 - 2
+
+
+def test_carried_lanes_change_nothing_against_stacking() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=3, d_mem=8, w_mv_std=0.02)
+    ids = _ids(2, 8 * 7, vocab=model.config.vocab_size, seed=5)
+    counters.clear()
+    expected, carried, stacked, carried_model, stacked_model = _carried_and_stacked(
+        model, ids, {"compiler": "eager", "min_lanes": 1}
+    )
+    assert torch.equal(carried, stacked)
+    assert max_rel_err(carried, expected) < 1e-5
+    assert carried_model.report.runs[-1].stats.carried_steps == 5  # type: ignore[union-attr]
+    assert stacked_model.report.runs[-1].stats.carried_steps == 0  # type: ignore[union-attr]
+    assert counters["diagpass"]["carried_steps"] == 5
+
+
+def test_carried_lanes_need_lane_views_and_their_option() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    probe = _ids(1, 24, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        assert diagpass.compile(model, probe, options={"compiler": "eager"}).report.carry == (2, 0)
+        assert diagpass.compile(model, probe, options={"compiler": "eager", "lane_views": False}).report.carry is None
+        fast = diagpass.compile(model, probe, options={"compiler": "eager", "carry_lanes": False})
+    assert fast.report.carry is None and "carried lanes: none" in str(fast.report)
+    with pytest.raises(diagpass.ConfigError, match="carry_lanes"):
+        diagpass.compile(model, probe, options={"carry_lanes": "yes"})
