@@ -2,7 +2,7 @@
 against cuBLAS + Inductor's SiLU·mul, and SDPA on grouped K/V (``enable_gqa``) against
 ``repeat_kv`` copies, per SDPA backend, with exactness against each other.
 
-    python benchmarks/kernel_micro.py            # both; or: ... mlp / ... sdpa / ... gemm
+    python benchmarks/kernel_micro.py            # both; or: ... mlp / ... sdpa / ... gemm / ... flex
     OUT=dir python benchmarks/kernel_micro.py    # JSON to dir/micro.json (default /tmp)
 
 Shapes: a steady diagonal of Llama-3.2-1B ARMT cells (16 lanes, 1152 rows). Timing: CUDA events
@@ -232,6 +232,36 @@ if "sdpa" in sys.argv[1:] or len(sys.argv) == 1:
         sres[k_ + "_ms"] = v_
     print(json.dumps(sres, indent=1), flush=True)
     results.update(sres)
+
+if "flex" in sys.argv[1:]:
+    # Causal attention of a steady diagonal, grouped K/V: cuDNN (SDPA's pick) against
+    # FlexAttention compiled by Inductor (Triton), with and without autotuning.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, H, Hkv, T, D = 16, 32, 8, 1152, 64
+    q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, T, D, device=dev, dtype=torch.bfloat16)
+    f = {}
+    cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = cudnn()
+    f["cudnn_gqa_ms"] = bench(cudnn)
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev)
+    for name, mode in (("flex", None), ("flex_autotune", "max-autotune-no-cudagraphs")):
+        try:
+            fn = torch.compile(flex_attention, mode=mode) if mode else torch.compile(flex_attention)
+            t0 = time.time()
+            out = fn(q, k, v, block_mask=mask, enable_gqa=True)
+            torch.cuda.synchronize()
+            f[name + "_compile_s"] = time.time() - t0
+            f[name + "_ms"] = bench(lambda: fn(q, k, v, block_mask=mask, enable_gqa=True))
+            f[name + "_rel_vs_cudnn"] = rel(out, ref)
+        except Exception as exc:  # noqa
+            f[name + "_err"] = str(exc)[:300]
+    flop = 2 * B * H * T * T * D  # causal: half of 4 T^2 D
+    for key in [k_ for k_ in f if k_.endswith("_ms")]:
+        f[key[:-3] + "_tflops"] = flop / f[key] / 1e9
+    print(json.dumps(f, indent=1), flush=True)
+    results.update(f)
 
 if "gemm" in sys.argv[1:]:
     # The step's bmm shapes [G, M, K] x [G, K, N] (weights stored [G, N, K]): cuBLAS's default
