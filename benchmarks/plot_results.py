@@ -26,12 +26,11 @@ LABELS = {
 
 def main() -> None:
     points: dict[str, dict[int, float]] = {}
-    # The main sweep, oldest first (later runs win): run1-4 (2026-11-22), run12-13, run26, run33, run37 (current: carried lanes,
-    # whole-program CUDA graphs, grouped K/V, lane views, hoisted chunks). The per-layer peer (c) and
-    # eager (b) were last run in run12 and run26.
+    # The main sweep, oldest first (later runs win): run1-4 (2026-11-22), run12-13, run26, run33, run37,
+    # run42 (current: carried lanes; run42 ran every peer but the 4K-only ones in one process).
     main_sweep = ["h100_run1_4k.json", "h100_run2_16k_32k.json", "h100_run3_4k_64k.json", "h100_run4_128k.json"]
     main_sweep += ["h100_run12_seg1024.json", "h100_run13_131k_split.json", "h100_run26_sweep_graph.json"]
-    main_sweep += ["h100_run33_sweep.json", "h100_run37_sweep.json"]
+    main_sweep += ["h100_run33_sweep.json", "h100_run37_sweep.json", "h100_run42_all_peers.json"]
     for path in (HERE / name for name in main_sweep):
         data = json.loads(path.read_text())
         env = data["env"]
