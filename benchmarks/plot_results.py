@@ -18,6 +18,7 @@ LABELS = {
     "full": "(a) full attention (SDPA)",
     "eager": "(b) sequential ARMT, eager",
     "layers": "(c) sequential ARMT, per-layer torch.compile",
+    "model": "(c') sequential ARMT, whole-model torch.compile (4K only)",
     "diagbatch": "(d) diagbatch",
     "ablation": "(f) diagpass program, sequential schedule",
     "floor": "(e) FLOP floor at measured peak",
@@ -31,15 +32,22 @@ def main() -> None:
     main_sweep = ["h100_run1_4k.json", "h100_run2_16k_32k.json", "h100_run3_4k_64k.json", "h100_run4_128k.json"]
     main_sweep += ["h100_run12_seg1024.json", "h100_run13_131k_split.json", "h100_run26_sweep_graph.json"]
     main_sweep += ["h100_run33_sweep.json", "h100_run37_sweep.json", "h100_run42_all_peers.json"]
-    for path in (HERE / name for name in main_sweep):
+    # Runs that add only some peers (on run42's machine: the 4K-only whole-model compile and ablation).
+    only = {"h100_run43_4k_model_ablation.json": {"model", "ablation"}}
+    main_sweep += list(only)
+    for name in main_sweep:
+        path = HERE / name
         data = json.loads(path.read_text())
         env = data["env"]
         if env["segment"] != 1024 or env["layers"] != 16:
             continue  # the main sweep only: Llama-3.2-1B shapes, segment 1024
         for row in data["rows"]:
             tokens = row["tokens"]
-            points.setdefault("floor", {})[tokens] = row["floor_s"]
+            if name not in only:
+                points.setdefault("floor", {})[tokens] = row["floor_s"]
             for peer in LABELS:
+                if name in only and peer not in only[name]:
+                    continue
                 if peer in row and isinstance(row[peer], dict):
                     points.setdefault(peer, {})[tokens] = row[peer]["s"]  # later runs win
     fig, ax = plt.subplots(figsize=(7, 4.5))
