@@ -50,7 +50,7 @@ def main() -> None:
                     continue
                 if peer in row and isinstance(row[peer], dict):
                     points.setdefault(peer, {})[tokens] = row[peer]["s"]  # later runs win
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for peer, label in LABELS.items():
         if peer not in points:
             continue
@@ -60,10 +60,10 @@ def main() -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("input tokens")
-    ax.set_ylabel("prefill latency, s (median of 3)")
+    ax.set_ylabel("prefill latency, s (median of 3-5)")
     ax.set_title("ARMT prefill, Llama-3.2-1B shapes, bf16, H100, segment 1024+128")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out = HERE / "latency_h100.png"
     fig.savefig(out, dpi=120)
