@@ -63,11 +63,11 @@ class DiagbatchConfig:
     for templates that write no tensor in place."""
 
     carry_lanes: bool = True
-    """``diagpass.compile`` only, with ``lane_views``: a step whose lane l feeds lane l+1 of
-    the next step (the hidden states, layer l to layer l+1) writes that output one lane up,
-    into a buffer whose lane 0 is the next segment's input (its prologue runs one step
-    earlier), so the next step reads its hidden states in place too. Exact: the same values
-    in other memory. Off: the shifted hidden states are stacked (one copy per step)."""
+    """With ``lane_views``: a step whose lane l feeds lane l+1 of the next step (the hidden
+    states, layer l to layer l+1) writes that output one lane up, into a buffer whose lane 0
+    is the next segment's input (its prologue runs one step earlier), so the next step reads
+    its hidden states in place too. Exact: the same values in other memory. Off: the shifted
+    hidden states are stacked (one copy per step)."""
 
     compiler: StepCompiler = "inductor"
     """How step graphs (and the fallback) are compiled: ``"inductor"``, or ``"eager"`` to

@@ -7,7 +7,10 @@ model's attributes). Its body:
 * the nodes outside every cell (embeddings, memory-token concat, final norm, LM head),
   each placed right after the last step it reads and before the first step it feeds;
 * one ``steps`` call per (step, template variant): it gathers the cells' inputs, runs the
-  compiled batched step once, and hands each cell's outputs back.
+  compiled batched step once, and hands each cell's outputs back. A step whose next step
+  starts a new segment at its first layer may carry (``carry_lanes``): it writes its
+  hidden states one lane up, after that segment's input (computed one step early), so the
+  next step reads them as a lane view instead of a stacked copy.
 
 The program is plain Python (FX codegen frees each value after its last use); only the
 steps go to Inductor, so compile cost does not grow with the number of segments.
@@ -134,10 +137,10 @@ class StepRunner(torch.nn.Module):
     def forward(
         self, group_id: int, stacks: list[torch.Tensor], *inputs: Any, head: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """The cells' outputs, cell by cell. With ``head`` (the input of slot ``plan.carry[0]``
-        of the next step's lane 0; needs ``plan.carry``), the step writes output
-        ``plan.carry[1]`` one lane up after it, and the result ends with that buffer's lane 0:
-        ``head``'s values, where the next step reads them in place."""
+        """The cells' outputs, cell by cell. A template with ``plan.carry`` writes output
+        ``plan.carry[1]`` one lane up; given ``head`` (the input of slot ``plan.carry[0]`` of the
+        next step's lane 0), the result ends with that buffer's lane 0: ``head``'s values,
+        where the next step reads them in place."""
         group = self.groups[group_id]
         plan = self.plans[group.variant]
         num_cells, num_lanes = len(group.cells), len(group.lanes)
@@ -171,10 +174,14 @@ class StepRunner(torch.nn.Module):
                     index = torch.tensor(group.lanes, device=stack.device)
                     args.append(stack.index_select(0, index))
         carry = None
-        if head is not None:
-            assert plan.carry is not None, "a head for a template without a proven carry"
+        if plan.carry is not None:
+            # Every step of a carrying template carries, so a template compiles once per
+            # lane count. Without a next segment to start, lane 0 of the step's own input for
+            # that slot fills the head's lane (one lane copied, never read).
             carry = plan.carry[1]
-            args.append(head)
+            args.append(head if head is not None else args[plan.carry[0]][0])
+        else:
+            assert head is None, "a head for a template without a proven carry"
         step = self._resolved.get((group_id, carry))
         if step is None:  # a group's argument layouts never change: look its step up once
             step, fresh = self.compiler.get(
@@ -198,9 +205,11 @@ class StepRunner(torch.nn.Module):
         counters["diagpass"]["cells_run"] += num_cells
         if carry is None:
             return tuple(out[lane] for lane in group.cell_lane for out in outputs)
-        counters["diagpass"]["carried_steps"] += 1
         shift = [int(i == carry) for i in range(len(outputs))]  # the carried output: one lane up
         cells = tuple(out[lane + up] for lane in group.cell_lane for out, up in zip(outputs, shift))
+        if head is None:
+            return cells
+        counters["diagpass"]["carried_steps"] += 1
         return (*cells, outputs[carry][0])
 
 
@@ -334,6 +343,83 @@ def _pad(count: int, limit: int, mode: str, floor: int = 1) -> int:
     return min(padded, limit)
 
 
+def carried_slot(
+    template: torch.fx.GraphModule,
+    slot_kinds: list[str],
+    cells: list[Cell],
+    bindings: dict[Cell, Any],
+    cell_of: dict[torch.fx.Node, Cell],
+    config: DiagbatchConfig,
+) -> tuple[int, int] | None:
+    """``(slot, output)`` such that output ``output`` of layer l is slot ``slot`` of layer l+1
+    (the same captured node) in every segment of the variant, and layer 0 reads that slot from
+    outside the cells; ``None`` where there is none, or ``carry_lanes`` / ``lane_views`` are
+    off, or the template writes in place. Only a hint for speed: a carried step is exact
+    whatever it carries (:func:`diagpass.lower.with_carry`)."""
+    if not (config.carry_lanes and config.lane_views) or any(placement._mutates(n) for n in template.graph.nodes):
+        return None
+    mine = set(cells)
+    firsts = [c for c in cells if (c[0] - 1, c[1]) not in mine]
+    pairs = [c for c in cells if (c[0] - 1, c[1]) in mine]
+    if not pairs or not firsts:
+        return None
+    for slot, kind in enumerate(slot_kinds):
+        if kind != "per_cell" or any(bindings[c].inputs[slot] in cell_of for c in firsts):
+            continue
+        for output in range(len(bindings[cells[0]].outputs)):
+            if all(bindings[c].inputs[slot] is bindings[(c[0] - 1, c[1])].outputs[output] for c in pairs):
+                return slot, output
+    return None
+
+
+def carried_heads(
+    groups: list[StepGroup],
+    groups_of_step: list[list[int]],
+    plans: list[_VariantPlan],
+    bindings: dict[Cell, Any],
+    cell_of: dict[torch.fx.Node, Cell],
+    time_of: dict[torch.fx.Node, int],
+) -> dict[int, torch.fx.Node]:
+    """Group id -> the node it writes one lane up (``head``), for each group whose lanes are its
+    variant's first layers, unpadded, where the next step has a group of the same variant
+    starting at that layer: the head is that group's lane-0 input of the carried slot. The head
+    and what computes it move to run before the step (they read no cell: checked here)."""
+    heads: dict[int, torch.fx.Node] = {}
+    for step, ids in enumerate(groups_of_step[:-1]):
+        starts = {(groups[g].variant, groups[g].lanes[0]): g for g in groups_of_step[step + 1]}
+        for group_id in ids:
+            group = groups[group_id]
+            plan = plans[group.variant]
+            if plan.carry is None or group.lanes[0] != 0 or len(group.cells) != len(group.lanes) or not group.contiguous:
+                continue
+            following = starts.get((group.variant, 0))
+            if following is None:
+                continue
+            head = bindings[groups[following].cells[0]].inputs[plan.carry[0]]
+            upstream = _outside_ancestors(head, cell_of)
+            if upstream is None:
+                continue  # computed from a cell's output: it cannot run a step early
+            for node in upstream:
+                time_of[node] = min(time_of[node], 2 * step)
+            heads[group_id] = head
+    return heads
+
+
+def _outside_ancestors(node: torch.fx.Node, cell_of: dict[torch.fx.Node, Cell]) -> list[torch.fx.Node] | None:
+    """``node`` and the nodes outside the cells it is computed from; ``None`` if any is a cell's."""
+    seen: dict[torch.fx.Node, None] = {}
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if current in seen or current.op == "placeholder":
+            continue
+        if current in cell_of:
+            return None
+        seen[current] = None
+        pending.extend(current.all_input_nodes)
+    return list(seen)
+
+
 def build_program(
     *,
     gm: torch.fx.GraphModule,
@@ -383,6 +469,7 @@ def build_program(
                 in_dims=step_in_dims(slot_kinds),
                 layers=layers,
                 stack_ids=stack_ids,
+                carry=carried_slot(module, list(slot_kinds), template.cells, bindings, labels.cell_of, config),
             )
         )
 
@@ -436,6 +523,12 @@ def build_program(
         time_of[node] = t + (t % 2)
     if placement.LATE:  # the prologue of a segment just before its first step (diagpass.placement)
         counters["diagpass"]["placed_late"] += placement.place_late(nodes, cell_of, time_of)
+    # A step that carries needs the next segment's input before it: that input moves earlier,
+    # which is only safe where nothing outside the cells writes in place.
+    heads = {} if placement.has_mutation(nodes, cell_of) else carried_heads(groups, groups_of_step, plans, bindings, cell_of, time_of)
+    for variant, plan in enumerate(plans):  # a template no step carries for does not pay the head's copy
+        if plan.carry is not None and not any(groups[g].variant == variant for g in heads):
+            plan.carry = None
     for node in nodes:  # the theorem, once more, on the actual node times
         cell = cell_of.get(node)
         if cell is not None:
@@ -486,7 +579,9 @@ def build_program(
                     args.append(env[bindings[group.cells[0]].inputs[slot]])
                 elif kind == "per_cell":
                     args.extend(env[bindings[c].inputs[slot]] for c in group.cells)
-            call = graph.call_module("steps", (group_id, stacks_node, *args))
+            head = heads.get(group_id)
+            kwargs = {"head": env[head]} if head is not None else {}
+            call = graph.call_module("steps", (group_id, stacks_node, *args), kwargs)
             call.meta["diagpass_group"] = group_id
             index = 0
             for cell in group.cells:
@@ -495,6 +590,10 @@ def build_program(
                     item.meta = dict(out.meta)
                     env[out] = item
                     index += 1
+            if head is not None:  # the same values, now lane 0 of the buffer the next step reads in place
+                item = graph.call_function(operator.getitem, (call, index))
+                item.meta = dict(head.meta)
+                env[head] = item
 
     emitted_steps = 0
     for node in outside:

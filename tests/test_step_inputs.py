@@ -347,3 +347,35 @@ def test_carried_lanes_need_lane_views_and_their_option() -> None:
     assert fast.report.carry is None and "carried lanes: none" in str(fast.report)
     with pytest.raises(diagpass.ConfigError, match="carry_lanes"):
         diagpass.compile(model, probe, options={"carry_lanes": "yes"})
+
+
+def test_backend_carries_lanes_and_changes_nothing() -> None:
+    """torch.compile(backend="diagbatch"): the step before each new segment carries, the
+    segment's prologue runs a step early, and outputs are bit-identical to stacking."""
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
+    ids = _ids(2, 8 * 7, vocab=model.config.vocab_size, seed=6)
+    counters.clear()
+    compile_and_compare(model, ids, options={"compiler": "eager"})
+    assert counters["diagpass"]["carried_steps"] == 5  # steps 1..5 start segments 2..6 at layer 0
+    with torch.no_grad():
+        carried = logits_of(torch.compile(model, backend="diagbatch", options={"compiler": "eager"}, dynamic=False)(ids)).clone()
+        torch._dynamo.reset()
+        counters.clear()
+        off = {"compiler": "eager", "carry_lanes": False}
+        stacked = logits_of(torch.compile(model, backend="diagbatch", options=off, dynamic=False)(ids)).clone()
+    assert counters["diagpass"]["carried_steps"] == 0
+    assert torch.equal(carried, stacked)
+
+
+def test_a_head_computed_from_a_cell_is_not_carried() -> None:
+    from diagpass.runtime import _outside_ancestors
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    cell_out = graph.call_function(torch.relu, (x,))
+    prologue = graph.call_function(torch.neg, (x,))
+    head = graph.call_function(torch.add, (prologue, 1))
+    late = graph.call_function(torch.add, (cell_out, prologue))
+    cell_of = {cell_out: (0, 0)}
+    assert _outside_ancestors(head, cell_of) == [head, prologue]  # inputs only: may run early
+    assert _outside_ancestors(late, cell_of) is None  # reads a cell's output
