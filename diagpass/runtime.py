@@ -73,8 +73,8 @@ class _VariantPlan:
     """Overrides the program's config for this variant's steps (e.g. an eager short tail)."""
     carry: tuple[int, int] | None = None
     """``(slot, output)``: output ``output`` of lane l is slot ``slot`` of lane l+1 at the next
-    step (the hidden states). A step given a ``head`` then writes it one lane up
-    (:func:`diagpass.lower.with_carry`). ``None``: no such pair was proven."""
+    step (the hidden states). Every step of the variant then writes that output one lane up,
+    after a ``head`` (:func:`diagpass.lower.with_carry`). ``None``: no such pair was found."""
 
 
 class WeightStacks(torch.nn.Module):
