@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from diagpass.lower import _example
 from diagpass.placement import _mutates
 
 __all__ = ["HoistedChunk", "split_invariant"]
@@ -71,7 +72,7 @@ def split_invariant(
         if all(arg in invariant for arg in node.all_input_nodes):
             invariant.add(node)
     computed = [n for n in module.graph.nodes if n in invariant and n.op != "placeholder"]
-    if not any(isinstance(n.meta.get("example_value", n.meta.get("val")), torch.Tensor) for n in computed if n.op != "get_attr"):
+    if not any(_example(n) is not None for n in computed if n.op != "get_attr"):
         return None  # only int arithmetic (or constants): nothing a kernel would run
     output = next(n for n in module.graph.nodes if n.op == "output")
     # The hoisted values: invariant nodes read by a per-segment node or returned.

@@ -510,15 +510,14 @@ class StepCompiler:
             return step, False
         start = time.perf_counter()
         batched = batched_template(template, in_dims)
-        if config.compiler == "eager":
+        if config.compiler == "eager" and batch == 1:
             # One cell: run the template itself; vmap's per-op dispatch would cost more than the ops.
-            fn = single_cell(template, in_dims) if batch == 1 else batched
-            if carry is not None:
-                fn = with_carry(fn, carry)
-            step = CompiledStep(fn=fn, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+            batched = single_cell(template, in_dims)
+        if carry is not None:
+            batched = with_carry(batched, carry)
+        if config.compiler == "eager":
+            step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
         else:
-            if carry is not None:
-                batched = with_carry(batched, carry)
             step = self._inductor(batched, args, batch, config, start, static)
         if (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))

@@ -45,7 +45,15 @@ from diagpass.hoist import HoistedChunk, split_invariant
 from diagpass.lower import StepCompiler, compile_chunk, prepare_attention, use_batched_attention
 from diagpass.passes import CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, per_segment_list, walk_arg
-from diagpass.runtime import StepGroup, StepRunner, WeightStacks, _VariantPlan, contiguous_groups, step_in_dims
+from diagpass.runtime import (
+    StepGroup,
+    StepRunner,
+    WeightStacks,
+    _VariantPlan,
+    carried_slot,
+    contiguous_groups,
+    step_in_dims,
+)
 
 log = logging.getLogger("diagpass.reroll")
 
@@ -204,7 +212,7 @@ class RerolledProgram:
         self._forms["tail"] = self._build_form(
             "tail", plan.steady, 1, [(layer, 1) for layer in range(self.num_layers)], fits=plan.fits, all_slots=True
         )
-        self._carry_position = self._find_carry()
+        self._carry_position = self._find_carry(labels.cell_of)
         self.carry = self._plans["steady"].carry
         """``(slot, output)`` of the steady template's carried lanes, or ``None``."""
         self._pre = self._build_outer("pre")
@@ -217,37 +225,31 @@ class RerolledProgram:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _find_carry(self) -> int | None:
-        """Prove the hidden-state carry of the steady template, set ``plan.carry``, and return
-        the unit position of layer 0's input for that slot (``None``: no carry).
+    def _find_carry(self, cell_of: dict[torch.fx.Node, Any]) -> int | None:
+        """Set the steady template's ``plan.carry`` and return the unit position of layer 0's
+        input for that slot (``None``: no carry).
 
-        The carry: a per-cell slot whose input at layer l >= 1 is output k of layer l-1 in the
-        same unit, and whose input at layer 0 comes from the unit's first chunk reading only
-        the graph's inputs and ``pre`` values (so it can run one step early, while the step
-        before writes that buffer). Only with lane views on a template that writes nothing in
-        place: otherwise the next step would stack the lanes anyway.
+        The pairing (output k of layer l is the slot's input at layer l+1) is
+        :func:`~diagpass.runtime.carried_slot`'s, on the probe's cells. Here, in addition, layer
+        0's input must come from the unit's first chunk reading only the graph's inputs and
+        ``pre`` values, so that it can run one step early, while the step before writes that
+        buffer.
         """
         plan, form = self._plans["steady"], self._forms["steady"]
-        if not (self.config.carry_lanes and self.config.lane_views) or self.num_layers < 2:
-            return None
-        if any(placement._mutates(node) for node in plan.template.graph.nodes):
+        carry = carried_slot(
+            plan.template, plan.slot_kinds, self._steady_template.cells, self._bindings, cell_of, self.config
+        )
+        if carry is None:
             return None
         prologue = form.chunks.get(0)
-        if prologue is None or any(ref[0] not in ("G", "PRE") for ref in prologue.ext):
+        head = form.cell_inputs[0][carry[0]]
+        if prologue is None or head[0] != "L" or head[1] not in prologue.outputs:
             return None
-        for slot, kind in enumerate(plan.slot_kinds):
-            head = form.cell_inputs[0][slot]
-            if kind != "per_cell" or head[0] != "L" or head[1] not in prologue.outputs:
-                continue
-            for output in range(len(form.cell_outputs[0])):
-                if all(
-                    form.cell_inputs[layer][slot] == ("L", form.cell_outputs[layer - 1][output])
-                    for layer in range(1, self.num_layers)
-                ):
-                    plan.carry = (slot, output)
-                    log.debug("steady template: output %d carries into slot %d of the next layer", output, slot)
-                    return head[1]
-        return None
+        if any(ref[0] not in ("G", "PRE") for ref in prologue.ext):
+            return None
+        plan.carry = carry
+        log.debug("steady template: output %d carries into slot %d of the next layer", carry[1], carry[0])
+        return head[1]
 
     def _variant_plan(
         self, key: str, module: torch.fx.GraphModule, slot_kinds: list[Any], cells: list[tuple[int, int]]

@@ -131,7 +131,7 @@ class StepRunner(torch.nn.Module):
             return None
         readonly = self._readonly.get(id(plan))
         if readonly is None:
-            readonly = self._readonly[id(plan)] = not any(placement._mutates(n) for n in plan.template.graph.nodes)
+            readonly = self._readonly[id(plan)] = not placement.has_mutation(list(plan.template.graph.nodes), {})
         return lane_view(values) if readonly else None
 
     def forward(
@@ -356,7 +356,7 @@ def carried_slot(
     outside the cells; ``None`` where there is none, or ``carry_lanes`` / ``lane_views`` are
     off, or the template writes in place. Only a hint for speed: a carried step is exact
     whatever it carries (:func:`diagpass.lower.with_carry`)."""
-    if not (config.carry_lanes and config.lane_views) or any(placement._mutates(n) for n in template.graph.nodes):
+    if not (config.carry_lanes and config.lane_views) or placement.has_mutation(list(template.graph.nodes), {}):
         return None
     mine = set(cells)
     firsts = [c for c in cells if (c[0] - 1, c[1]) not in mine]
