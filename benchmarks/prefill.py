@@ -462,7 +462,7 @@ def bf16_check(model: Any, compiled: Any, ids: torch.Tensor) -> dict[str, float]
                 result[f"{name}_vs_eager"] = rel(model(ids).logits, out_eager)
         except RuntimeError:  # no such kernel for these inputs
             continue
-    noise = [v for v in result.values()]
+    noise = list(result.values())
     out_diag = compiled(ids).logits
     return {"diag_vs_eager": rel(out_diag, out_eager), **result, "noise_max": max(noise) if noise else float("nan")}
 

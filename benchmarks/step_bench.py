@@ -34,6 +34,7 @@ import diagpass
 from diagpass import lower, models
 from diagpass.config import parse_options
 from kernel_kinds import kernel_kind
+from prefill import idle_gaps  # benchmarks/ is on sys.path as a script
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"fuse": False, "causal": False, "late": False},
@@ -135,18 +136,8 @@ def kernel_table(fn: Callable[[], Any], runs: int, trace: str | None = None) -> 
     split = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for name, (ms, _) in kernels.items():
         split[kernel_kind(name)] += ms
-    intervals.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in intervals:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    gaps = idle_gaps(intervals, None)  # over all runs: busy and span in ms
+    busy, span = gaps.get("busy_ms", 0.0), gaps.get("span_ms", 0.0)
     if trace:
         raw = trace + ".json"
         prof.export_chrome_trace(raw)
@@ -156,9 +147,9 @@ def kernel_table(fn: Callable[[], Any], runs: int, trace: str | None = None) -> 
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
     return {
         "split_ms": {k: round(v, 3) for k, v in split.items()},
-        "busy_ms": round(busy / 1e3 / runs, 3),
-        "span_ms": round(span / 1e3 / runs, 3),
-        "idle_ms": round((span - busy) / 1e3 / runs, 3),
+        "busy_ms": round(busy / runs, 3),
+        "span_ms": round(span / runs, 3),
+        "idle_ms": round((span - busy) / runs, 3),
         "launches": round(sum(c for _, c in kernels.values()) / runs, 1),
         "top": [(name, round(ms, 4), count // runs) for name, (ms, count) in top],
         # one run's kernels in launch order, with their microseconds
