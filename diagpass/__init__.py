@@ -17,6 +17,7 @@ from diagpass.anylength import AnyLengthModel, GeneralisationError, RerollReport
 from diagpass.backend import CompileRecord, compile_history, last_compile
 from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
+from diagpass.program import DiagonalProgram
 from diagpass.report import DependencyReport
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "analyze",
     "compile",
     "AnyLengthModel",
+    "DiagonalProgram",
     "RerollReport",
     "GeneralisationError",
     "last_compile",

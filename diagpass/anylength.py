@@ -13,8 +13,9 @@ minutes, again for every new length (DESIGN.md §4). Instead:
    affine in the segment index and length (:mod:`diagpass.passes.reroll`);
 3. map the graph's inputs to the model's parameters and the call's arguments, and its
    outputs to the return value and the module attributes Dynamo wrote, by identity;
-4. build a :class:`~diagpass.reroll_program.RerolledProgram` that runs any number of
-   segments on the diagonal schedule, with the backend's compiled-step cache.
+4. plan a :class:`~diagpass.DiagonalProgram` from the proof: the same program the
+   ``diagbatch`` backend builds from the graph it receives, run here for any number of
+   segments, with the backend's compiled-step cache.
 
 Where something cannot be proven, :func:`compile` raises :class:`GeneralisationError`
 (or :class:`~diagpass.StructureError` when the diagonal structure itself is refuted),
@@ -38,7 +39,7 @@ from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
 from diagpass.report import analyze_graph
-from diagpass.reroll_program import RerolledProgram, RunStats
+from diagpass.program import DiagonalProgram, RunStats, plan_program
 
 log = logging.getLogger("diagpass.anylength")
 
@@ -276,7 +277,7 @@ class AnyLengthModel(torch.nn.Module):
         self,
         *,
         model: torch.nn.Module,
-        program: RerolledProgram,
+        program: DiagonalProgram,
         mapping: _Mapping,
         arg_spec: Any,
         arg_examples: list[Any],
@@ -504,15 +505,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
     prove_start = time.perf_counter()
     try:
         plan = prove_reroll(probes)
-        program = RerolledProgram(
-            plan=plan,
-            gm=gm,
-            labels=analysis.labels,
-            templates=analysis.templates,
-            keys=mapping.keys,
-            config=config,
-            compiler=step_compiler,
+        program_plan = plan_program(
+            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=config
         )
+        program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
     except RerollError as error:
         raise GeneralisationError(f"diagpass.compile: {error}") from error
     report.prove_s = time.perf_counter() - prove_start + verdict.analysis_s

@@ -28,8 +28,10 @@ from diagpass.capture import trace_clock
 from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import DiagpassError, StructureError
 from diagpass.lower import StepCompiler
-from diagpass.report import DependencyReport, analyze_graph
-from diagpass.runtime import DiagonalProgram, build_program
+from diagpass.passes import CellLabels
+from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_fixed, split_units
+from diagpass.program import DiagonalProgram, UnrolledProgram, build_unrolled, plan_program
+from diagpass.report import DependencyReport, GraphAnalysis, analyze_graph
 
 log = logging.getLogger("diagpass.backend")
 
@@ -73,8 +75,14 @@ class CompileRecord:
     num_segments: int = 0
     num_steps: int = 0
     """Steps of the program (S+L-1 for ARMT on the diagonal schedule)."""
+    path: str = "fallback"
+    """What runs: ``"diagonal program"`` (:class:`~diagpass.DiagonalProgram`), ``"unrolled
+    program"`` (a graph the diagonal program cannot express yet: :attr:`path_reason` says
+    why) or ``"fallback"`` (plain Inductor, :attr:`reason` says why)."""
+    path_reason: str | None = None
+    """Why the unrolled program runs instead of the diagonal program."""
     times: CompileTimes = field(default_factory=CompileTimes)
-    program_ref: Callable[[], DiagonalProgram | None] | None = None
+    program_ref: Callable[[], DiagonalProgram | UnrolledProgram | None] | None = None
     """Weak reference to the program: the record must not keep its weight stacks alive."""
     step_compiles: int = 0
     """Distinct batched step graphs the program has run (compiled now or found in the cache)."""
@@ -84,13 +92,16 @@ class CompileRecord:
     """Nodes in the captured graph."""
 
     @property
-    def program(self) -> DiagonalProgram | None:
+    def program(self) -> DiagonalProgram | UnrolledProgram | None:
         """The diagonal program while Dynamo still holds it (``None`` on fallback)."""
         return None if self.program_ref is None else self.program_ref()
 
     def summary(self) -> str:
         plain = "Inductor" if self.config.compiler == "inductor" else "eager"
-        head = "diagonal rewrite APPLIED" if self.applied else f"FELL BACK to plain {plain}: {self.reason}"
+        if self.applied:
+            head = f"diagonal rewrite APPLIED ({self.path}" + (f": {self.path_reason})" if self.path_reason else ")")
+        else:
+            head = f"FELL BACK to plain {plain}: {self.reason}"
         t = self.times
         lines = [
             f"diagbatch: {head}",
@@ -101,9 +112,10 @@ class CompileRecord:
         ]
         program = self.program
         if program is not None:
+            cells = [len(g.cells) for g in program.groups]
             lines.append(
-                f"  {len(program.groups)} batched calls; {self.step_compiles} step graphs compiled, "
-                f"{self.batched_gemms} batched GEMMs in them"
+                f"  {len(cells)} batched calls of {min(cells)}-{max(cells)} cells; {self.step_compiles} step graphs "
+                f"compiled, {self.batched_gemms} batched GEMMs in them"
             )
             if program.graphs is not None:
                 graphs = program.graphs
@@ -186,6 +198,8 @@ def diagbatch(
     record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
     record.times.capture_s = trace_clock.elapsed()
 
+    if not isinstance(example_inputs, (list, tuple)):
+        example_inputs = list(example_inputs)
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         record.reason = (
             "autograd is on: the diagonal program is inference-only; call the model under "
@@ -223,13 +237,8 @@ def diagbatch(
         return _fallback(gm, example_inputs, record)
 
     start = time.perf_counter()
-    schedule = report.schedule if config.schedule == "diagonal" else [[c] for step in report.schedule for c in step]
-    if config.schedule == "sequential":
-        schedule = sorted(schedule, key=lambda step: (step[0][1], step[0][0]))
     try:
-        program = build_program(
-            gm=gm, labels=analysis.labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler
-        )
+        program = _build(gm, example_inputs, analysis, config, record)
     except Exception as error:
         return _internal_error(gm, example_inputs, record, "rewrite", error)
     record.times.rewrite_s = time.perf_counter() - start
@@ -239,7 +248,8 @@ def diagbatch(
     counters["diagpass"]["applied"] += 1
     counters["diagpass"]["steps"] += program.num_steps
     log.info(
-        "diagbatch: applied: L=%d S=%d, %d steps, %d batched calls (analysis %.3fs, rewrite %.3fs)",
+        "diagbatch: applied (%s): L=%d S=%d, %d steps, %d batched calls (analysis %.3fs, rewrite %.3fs)",
+        record.path,
         report.num_layers,
         report.num_segments,
         program.num_steps,
@@ -247,16 +257,27 @@ def diagbatch(
         record.times.analysis_s,
         record.times.rewrite_s,
     )
+    runner = program.runner
+    if isinstance(program, DiagonalProgram):
+        inputs_of = _input_keys(gm)
+        segments, last = program.fixed_length  # type: ignore[misc]
+
+        def call(*args: Any) -> Any:
+            outputs, _ = program.run(dict(zip(inputs_of, args)), segments, last)
+            return outputs
+
+    else:
+        call = program
 
     fallback: list[Any] = []  # set if the first run fails (e.g. an op vmap cannot batch)
 
     def run(*args: Any) -> Any:
         if fallback:
             return fallback[0](*args)
-        before = program.runner.compile_s
+        before = runner.compile_s
         try:
             with torch.no_grad():
-                result = program(*args)
+                result = call(*args)
         except Exception as error:
             if record.step_compiles or config.strict:
                 raise  # it ran before, or the user asked for errors: do not hide it
@@ -264,9 +285,63 @@ def diagbatch(
             # so a failed first run can be redone by the plain graph.
             fallback.append(_internal_error(gm, example_inputs, record, "first run of the steps", error))
             return fallback[0](*args)
-        record.times.inductor_s += program.runner.compile_s - before
-        record.step_compiles = len(program.runner.used_steps)
-        record.batched_gemms = program.runner.batched_gemms
+        record.times.inductor_s += runner.compile_s - before
+        record.step_compiles = len(runner.used_steps)
+        record.batched_gemms = runner.batched_gemms
         return result
 
     return run
+
+
+def _input_keys(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
+    """The key the plan gives each graph input: its position (placeholder names differ
+    between torch versions, DESIGN.md §7)."""
+    return [("input", i) for i, _ in enumerate(gm.graph.find_nodes(op="placeholder"))]
+
+
+def _segment_lengths(split: Any, keys: dict[torch.fx.Node, Any], example_inputs: list[Any], count: int) -> list[int]:
+    """Each segment's length where the inputs are sliced per segment (``input[..., s*T:]``),
+    else zeros: the lengths only label which literals may depend on ``n``."""
+    try:
+        size, axes = find_length_axes(split, keys)
+    except RerollError:
+        return [0] * count
+    key, dim = next(iter(axes.items()))
+    example = example_inputs[key[1]]
+    tokens = example.shape[dim] if isinstance(example, torch.Tensor) and example.dim() > dim else None
+    if tokens is None or -(-tokens // size) != count:
+        return [0] * count
+    return [size] * (count - 1) + [tokens - (count - 1) * size]
+
+
+def _build(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    analysis: GraphAnalysis,
+    config: DiagbatchConfig,
+    record: CompileRecord,
+) -> DiagonalProgram | UnrolledProgram:
+    """The diagonal program of ``gm``, or the unrolled one where the plan cannot express it."""
+    labels: CellLabels = analysis.labels
+    templates = analysis.templates
+    assert templates is not None
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    keys = dict(zip(placeholders, _input_keys(gm)))
+    try:
+        split = split_units(gm.graph, labels)
+        lengths = _segment_lengths(split, keys, example_inputs, labels.num_segments)
+        proof = prove_fixed(Probe(graph=gm.graph, labels=labels, keys=keys, segment_lengths=lengths), split=split)
+        plan = plan_program(proof=proof, gm=gm, labels=labels, templates=templates, keys=keys, config=config)
+    except RerollError as error:
+        record.path, record.path_reason = "unrolled program", f"the diagonal program cannot express this graph yet: {error}"
+        counters["diagpass"]["unrolled_programs"] += 1
+        log.info("diagbatch: %s", record.path_reason)
+        schedule = analysis.report.schedule
+        if config.schedule == "sequential":
+            schedule = sorted(([c] for step in schedule for c in step), key=lambda step: (step[0][1], step[0][0]))
+        return build_unrolled(gm=gm, labels=labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler)
+    record.path = "diagonal program"
+    program = DiagonalProgram(plan, config=config, compiler=step_compiler, name="diagbatch program")
+    program.fixed_length = (labels.num_segments, lengths[-1])
+    counters["diagpass"]["programs"] += 1
+    return program

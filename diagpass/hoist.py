@@ -1,6 +1,6 @@
 """Loop-invariant code motion for the rerolled program's segment chunks.
 
-A chunk (the nodes outside the layers at one phase of a segment, ``diagpass.reroll_program``)
+A chunk (the nodes outside the layers at one phase of a segment, ``diagpass.program.chunks``)
 runs once per segment. Part of it often computes the same values for every segment: Hugging
 Face's rotary tables (``arange`` -> ``inv_freq`` product -> ``cos``/``sin``) depend only on the
 segment length ``n`` and on buffers, never on the segment index ``s`` or on the segment's

@@ -443,7 +443,7 @@ def compile_chunk(
 ) -> Callable[..., Any]:
     """Inductor's kernels for ``module(s, n, *args)`` at these ints and argument layouts.
 
-    For a segment chunk that does not read ``s`` (``diagpass.reroll_program``): e.g. the final
+    For a segment chunk that does not read ``s`` (``diagpass.program.chunks``): e.g. the final
     RMSNorm of each segment, eight eager kernels with float32 intermediates, becomes one.
     """
     from torch._inductor.compile_fx import compile_fx

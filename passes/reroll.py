@@ -42,6 +42,12 @@ __all__ = [
     "UnitSplit",
     "UnitForm",
     "Fit",
+    "Table",
+    "Hole",
+    "Probe",
+    "RerollPlan",
+    "prove_reroll",
+    "prove_fixed",
     "split_units",
     "unit_form",
     "fit_affine",
@@ -60,7 +66,8 @@ Ref = tuple[Any, ...]
 ``("L", p)`` position ``p`` of the same unit, ``("P", r)`` the ``r``-th value read from the
 previous unit, ``("POST", i)``, ``("LAST", p)`` position ``p`` of the last unit, or
 ``("ALL", p0, p)`` the list of every unit's value (position ``p0`` in the first unit, ``p``
-in the others)."""
+in the others), or ``("UNIT", s, p)`` position ``p`` of unit ``s`` (a fixed number of
+segments only: :func:`prove_fixed`)."""
 
 
 @dataclass(kw_only=True)
@@ -316,6 +323,26 @@ class Fit:
         return self.b == 0 and self.c == 0
 
 
+@dataclass(frozen=True)
+class Table:
+    """``value = values[s]``: a hole read per unit, for a graph of a fixed number of
+    segments (the backend's) where no affine function of ``(s, n)`` is proven for it."""
+
+    values: tuple[int, ...]
+    """Per segment index (entry 0, the first unit's, is never read)."""
+
+    def __call__(self, s: int, n: int) -> int:
+        return self.values[s]
+
+    @property
+    def constant(self) -> bool:
+        return False
+
+
+Hole = Fit | Table
+"""How an int literal of the steady unit form is computed for unit ``s`` of length ``n``."""
+
+
 def _solve(rows: list[tuple[int, ...]], values: list[int]) -> list[Fraction] | None:
     """Exact least-structure solve: the unique solution of a full-rank square subsystem."""
     width = len(rows[0])
@@ -444,7 +471,7 @@ class RerollPlan:
     """Unit 0 of the exemplar probe (literals are its values)."""
     steady: UnitForm
     """Unit 1 of the exemplar probe: the template of every later unit."""
-    fits: list[Fit]
+    fits: list[Hole]
     """Per hole of :attr:`steady`, its value as a function of ``(s, n)``."""
     exports: dict[str, list[int]]
     """``"first"``/``"steady"``: position in the previous unit of each ``("P", r)`` read."""
@@ -459,6 +486,8 @@ class RerollPlan:
     """The ``(s, n)`` of every unit the steady fits were checked on."""
     holes_checked: int
     """Holes that vary and were fitted and verified (constant holes excluded)."""
+    num_segments: int | None = None
+    """The one number of segments the plan holds for (:func:`prove_fixed`); ``None``: any."""
 
 
 def _simple_refs(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> Callable[[torch.fx.Node], Ref]:
@@ -488,9 +517,16 @@ def per_segment_list(arg: Any, split: UnitSplit) -> tuple[int, int] | None:
 
 
 def _post_structure(
-    arg: Any, split: UnitSplit, keys: dict[torch.fx.Node, Hashable], literals: list[int], where: str, first_form: list[int]
+    arg: Any,
+    split: UnitSplit,
+    keys: dict[torch.fx.Node, Hashable],
+    literals: list[int],
+    where: str,
+    first_form: list[int],
+    fixed: bool = False,
 ) -> Any:
-    """Canonical form of a post argument: per-segment lists become ``ALL``, the last unit ``LAST``."""
+    """Canonical form of a post argument: per-segment lists become ``ALL``, the last unit
+    ``LAST``; with ``fixed`` (one number of segments), any other unit's value ``UNIT``."""
     last = len(split.units) - 1
     simple = _simple_refs(split, keys)
     every = per_segment_list(arg, split)
@@ -499,6 +535,8 @@ def _post_structure(
         return ("ALL", *every)
     if isinstance(arg, torch.fx.Node):
         if arg in split.unit_of:
+            if split.unit_of[arg] != last and fixed:
+                return ("UNIT", split.unit_of[arg], split.position[arg])
             if split.unit_of[arg] != last:
                 raise RerollError(
                     f"{where} reads {arg.name} of segment {split.unit_of[arg]} alone: the result "
@@ -512,16 +550,14 @@ def _post_structure(
     if isinstance(arg, int):
         literals.append(int(arg))
         return ("int", int(arg))  # post literals must not change with the length
+    def inner(a: Any) -> Any:
+        return _post_structure(a, split, keys, literals, where, first_form, fixed)
+
     if isinstance(arg, (tuple, list)):
-        return (type(arg).__name__, tuple(_post_structure(a, split, keys, literals, where, first_form) for a in arg))
+        return (type(arg).__name__, tuple(inner(a) for a in arg))
     if isinstance(arg, dict):
-        return ("dict", tuple((k, _post_structure(v, split, keys, literals, where, first_form)) for k, v in arg.items()))
-    return (
-        "slice",
-        _post_structure(arg.start, split, keys, literals, where, first_form),
-        _post_structure(arg.stop, split, keys, literals, where, first_form),
-        _post_structure(arg.step, split, keys, literals, where, first_form),
-    )
+        return ("dict", tuple((k, inner(v)) for k, v in arg.items()))
+    return ("slice", inner(arg.start), inner(arg.stop), inner(arg.step))
 
 
 def _flat_refs(structure: Any) -> list[Ref]:
@@ -529,7 +565,7 @@ def _flat_refs(structure: Any) -> list[Ref]:
     out: list[Ref] = []
 
     def visit(x: Any) -> None:
-        if isinstance(x, tuple) and x and x[0] in ("G", "PRE", "POST", "LAST", "ALL", "L", "P"):
+        if isinstance(x, tuple) and x and x[0] in ("G", "PRE", "POST", "LAST", "ALL", "UNIT", "L", "P"):
             out.append(x)
         elif isinstance(x, tuple):
             for y in x:
@@ -539,8 +575,10 @@ def _flat_refs(structure: Any) -> list[Ref]:
     return out
 
 
-def _outer_forms(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> tuple[Any, list[list[Ref]], list[list[Ref]], list[Ref]]:
-    """Canonical pre, post and output, plus their refs."""
+def _outer_forms(
+    split: UnitSplit, keys: dict[torch.fx.Node, Hashable], fixed: bool = False
+) -> tuple[Any, list[list[Ref]], list[list[Ref]], list[Ref]]:
+    """Canonical pre, post and output, plus their refs (``fixed``: see :func:`_post_structure`)."""
     simple = _simple_refs(split, keys)
     pre_form: list[Any] = []
     pre_refs: list[list[Ref]] = []
@@ -564,14 +602,75 @@ def _outer_forms(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> tuple
         where = f"{node.name} at {source_line(node)[0]}"
         shape = (
             _target_name(node),
-            _post_structure(node.args, split, keys, lits, where, first_form),
-            _post_structure(node.kwargs, split, keys, lits, where, first_form),
+            _post_structure(node.args, split, keys, lits, where, first_form, fixed),
+            _post_structure(node.kwargs, split, keys, lits, where, first_form, fixed),
         )
         post_form.append((shape, tuple(lits)))
         post_refs.append(_flat_refs(shape[1]) + _flat_refs(shape[2]))
     assert split.output is not None
-    out_structure = _post_structure(split.output.args[0], split, keys, [], "the graph output", [])
+    out_structure = _post_structure(split.output.args[0], split, keys, [], "the graph output", [], fixed)
     return (tuple(pre_form), tuple(post_form), out_structure), pre_refs, post_refs, _flat_refs(out_structure)
+
+
+def _exports(splits: Sequence[UnitSplit], forms: Sequence[Sequence[UnitForm]]) -> dict[str, list[int]]:
+    """Which earlier-unit nodes the ``"P"`` reads name: the same in every probe."""
+    exports: dict[str, list[int]] = {}
+    for sp, probe_forms in zip(splits, forms):
+        for form in probe_forms[1:]:
+            kind = "first" if form.segment == 1 else "steady"
+            positions = [sp.position[n] for n in form.prev_reads]
+            if exports.setdefault(kind, positions) != positions:
+                raise RerollError(
+                    f"segment {form.segment} reads other state of the segment before it than segment "
+                    f"{1 if kind == 'first' else 2} does"
+                )
+    if "steady" not in exports:
+        exports["steady"] = exports["first"]
+    return exports
+
+
+def prove_fixed(probe: Probe, *, split: UnitSplit | None = None) -> RerollPlan:
+    """The plan of one graph of a fixed number of segments (what the backend receives).
+
+    The same cut and unit forms as :func:`prove_reroll`: every unit after the first must have
+    the steady unit's form. With the number of segments fixed, an int literal that changes
+    between units needs no proof of a rule: it is an affine :class:`Fit` where one fits every
+    unit, else a :class:`Table` read per unit. Post may read any unit (``UNIT`` refs).
+    """
+    split = split if split is not None else split_units(probe.graph, probe.labels)
+    count = len(split.units)
+    if count < 2:
+        raise RerollError(f"{count} segment(s): nothing to schedule across segments")
+    forms = [unit_form(split, s, probe.keys, probe.labels) for s in range(count)]
+    first, steady = forms[0], forms[1]
+    for form in forms[2:]:
+        if form.form != steady.form:
+            detail = _first_difference(form, steady, split, split)
+            raise RerollError(f"segment {form.segment} is not the form of segment 1: {detail}")
+    exports = _exports([split], [forms])
+    points = [(s, probe.segment_lengths[s]) for s in range(1, count)]
+    values = [form.literals for form in forms[1:]]
+    fits = fit_affine(points, values, use_n=len({n for _, n in points}) >= 2)
+    holes: list[Hole] = [
+        fit if fit is not None else Table((0, *(v[h] for v in values))) for h, fit in enumerate(fits)
+    ]
+    outer = _outer_forms(split, probe.keys, fixed=True)
+    return RerollPlan(
+        num_layers=probe.labels.num_layers,
+        segment_size=probe.segment_lengths[0],
+        split=split,
+        first=first,
+        steady=steady,
+        fits=holes,
+        exports=exports,
+        pre_refs=outer[1],
+        post_refs=outer[2],
+        output_refs=outer[3],
+        short_tail=probe.segment_lengths[-1] != probe.segment_lengths[0],
+        points=points,
+        holes_checked=sum(1 for h in holes if not h.constant),
+        num_segments=count,
+    )
 
 
 def prove_reroll(probes: Sequence[Probe]) -> RerollPlan:
@@ -611,19 +710,7 @@ def prove_reroll(probes: Sequence[Probe]) -> RerollPlan:
         if outer[i][0][2] != outer[0][0][2]:
             raise differs(i, "other outputs", "the forward's outputs differ in number or in where they come from")
 
-    # Which earlier-unit nodes the "P" reads name: the same in every probe.
-    exports: dict[str, list[int]] = {}
-    for sp, probe_forms in zip(splits, forms):
-        for form in probe_forms[1:]:
-            kind = "first" if form.segment == 1 else "steady"
-            positions = [sp.position[n] for n in form.prev_reads]
-            if exports.setdefault(kind, positions) != positions:
-                raise RerollError(
-                    f"segment {form.segment} reads other state of the segment before it than segment "
-                    f"{1 if kind == 'first' else 2} does"
-                )
-    if "steady" not in exports:
-        exports["steady"] = exports["first"]
+    exports = _exports(splits, forms)
 
     points: list[tuple[int, int]] = []
     values: list[list[int]] = []

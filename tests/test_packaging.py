@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE_MODULES = ["diagpass.backend", "diagpass.passes", "diagpass.analyze", "diagpass.runtime", "diagpass.lower"]
+CORE_MODULES = ["diagpass.backend", "diagpass.passes", "diagpass.analyze", "diagpass.program", "diagpass.lower"]
 
 
 def run_python(code: str, *, cwd: str | os.PathLike[str] = "/tmp", env: dict[str, str] | None = None):

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 import diagpass
 from diagpass import lower, models
 from diagpass.ops import batched_sdpa
-from diagpass.runtime import lane_view
+from diagpass.program import lane_view
 from tests.helpers import compile_and_compare, logits_of, max_rel_err
 
 
@@ -72,7 +72,7 @@ def test_lane_view_refuses_what_is_not_one_run_of_lanes() -> None:
 
 def test_lane_views_skip_templates_that_write_in_place() -> None:
     from diagpass.config import DiagbatchConfig
-    from diagpass.runtime import StepRunner
+    from diagpass.program.steps import StepRunner
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
@@ -237,12 +237,12 @@ def test_split_invariant_moves_what_every_segment_shares() -> None:
 def test_chunks_hoisted_and_compiled_stay_exact() -> None:
     """diagpass.compile: the rotary tables leave the segment loop, the s-free chunks (the
     last norm) run as Inductor kernels (allowed on CPU here), outputs as eager."""
-    from diagpass import reroll_program
+    from diagpass.program import chunks
 
     model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8, w_mv_std=0.02)
     vocab = model.config.vocab_size
     ids = _ids(1, 8 * 6, vocab, seed=3)
-    with torch.no_grad(), mock.patch.object(reroll_program, "COMPILE_CHUNK_DEVICES", ("cpu",)):
+    with torch.no_grad(), mock.patch.object(chunks, "COMPILE_CHUNK_DEVICES", ("cpu",)):
         expected = logits_of(model(ids)).clone()
         fast = diagpass.compile(model, _ids(1, 24, vocab), options={"compiler": "inductor", "min_lanes": 2})
         actual = logits_of(fast(ids))
@@ -368,7 +368,7 @@ def test_backend_carries_lanes_and_changes_nothing() -> None:
 
 
 def test_a_head_computed_from_a_cell_is_not_carried() -> None:
-    from diagpass.runtime import _outside_ancestors
+    from diagpass.program.unrolled import _outside_ancestors
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

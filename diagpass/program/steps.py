@@ -1,0 +1,246 @@
+"""Batched steps: one call runs the cells of one diagonal that share a template variant.
+
+* :class:`VariantPlan`: a template variant ready to batch (its module, slot kinds, weight stacks);
+* :class:`StepGroup`: the cells of one step that one batched call runs, and their lanes;
+* :class:`WeightStacks`: the per-layer inputs stacked once as ``[L, ...]``;
+* :class:`StepRunner`: gathers a group's inputs (lane views where they already lie in
+  place), calls the compiled step from the :class:`~diagpass.lower.StepCompiler` cache, and
+  hands each cell its outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._dynamo.utils import counters
+
+from diagpass import placement
+from diagpass.config import DiagbatchConfig
+from diagpass.lower import StepCompiler
+from diagpass.passes import Cell
+from diagpass.passes.template import SlotKind
+
+__all__ = ["StepGroup", "VariantPlan", "WeightStacks", "StepRunner", "lane_view", "step_in_dims"]
+
+
+@dataclass(kw_only=True)
+class StepGroup:
+    """The cells of one step that share a template: one batched call."""
+
+    step: int
+    """Index of the step in the schedule."""
+    variant: int
+    """Template variant."""
+    cells: list[Cell]
+    """Cells in ascending layer order."""
+    lanes: list[int] = field(default_factory=list)
+    """Layer position (in the variant's layer stack) of each lane, padding included."""
+    cell_lane: list[int] = field(default_factory=list)
+    """Lane of each cell."""
+    contiguous: bool = True
+    """Whether :attr:`lanes` is a contiguous range (weights are then a slice, not a gather)."""
+
+
+@dataclass(kw_only=True)
+class VariantPlan:
+    """A template variant ready to batch."""
+
+    name: str
+    """What it runs: ``steady``, ``first segment``, ``last segment``, ``short tail (n=...)``..."""
+    template: torch.fx.GraphModule
+    """One cell: a placeholder per slot, a tuple of outputs (attention rewrites applied)."""
+    key: str
+    """Compile-cache key: equal keys mean interchangeable compiled steps."""
+    slot_kinds: list[SlotKind]
+    """Per slot: ``shared``, ``by_layer``, ``per_cell`` or ``unused`` (no longer read)."""
+    in_dims: list[int | None]
+    layers: list[int]
+    """Sorted layers of the variant's cells; a by_layer stack is indexed by position here."""
+    stack_ids: dict[int, int]
+    """by_layer slot -> index into the program's weight stacks."""
+    config: DiagbatchConfig | None = None
+    """Overrides the program's config for this variant's steps (e.g. an eager short tail)."""
+    single_lane: bool = False
+    """At most one cell per step (the first segment's variant): never padded to ``min_lanes``."""
+    carry: tuple[int, int] | None = None
+    """``(slot, output)``: output ``output`` of lane l is slot ``slot`` of lane l+1 at the next
+    step (the hidden states). Every step of the variant then writes that output one lane up,
+    after a ``head`` (:func:`diagpass.lower.with_carry`). ``None``: no such pair was found."""
+
+
+class WeightStacks(torch.nn.Module):
+    """Per-layer inputs (weights, buffers) stacked once as ``[L, ...]``.
+
+    Restacked only when an input changed: another tensor, or an in-place update
+    (``Tensor._version``), so a stale copy is never used. The stacks cost one extra
+    copy of the per-layer weights; ``extra_bytes`` reports it.
+    """
+
+    def __init__(self, layouts: list[list[int]]) -> None:
+        super().__init__()
+        self.layouts = layouts  # per stack: positions of its members in forward's args
+        self._stamps: list[tuple[Any, ...] | None] = [None] * len(layouts)
+        self._stacks: list[torch.Tensor | None] = [None] * len(layouts)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self._stacks if s is not None)
+
+    def forward(self, *members: torch.Tensor) -> list[torch.Tensor]:
+        for i, layout in enumerate(self.layouts):
+            tensors = [members[j] for j in layout]
+            stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+            if stamp != self._stamps[i]:
+                with torch.no_grad():
+                    self._stacks[i] = torch.stack([t.detach() for t in tensors])  # [L, ...]
+                self._stamps[i] = stamp
+                counters["diagpass"]["weight_restacks"] += 1
+        return list(self._stacks)  # type: ignore[arg-type]
+
+
+class StepRunner(torch.nn.Module):
+    """Runs one :class:`StepGroup`: gather inputs, call the compiled step, scatter outputs."""
+
+    def __init__(
+        self, groups: list[StepGroup], plans: list[VariantPlan], compiler: StepCompiler, config: DiagbatchConfig
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.plans = plans
+        self.compiler = compiler
+        self.config = config
+        self.compile_s = 0.0
+        self.batched_gemms = 0
+        self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
+        self._resolved: dict[tuple[int, int | None], Any] = {}  # (group id, carry) -> its CompiledStep
+        self._readonly: dict[int, bool] = {}  # id(plan) -> its template writes no tensor in place
+
+    def _lane_view(self, plan: VariantPlan, values: Sequence[Any]) -> torch.Tensor | None:
+        """``values`` as one ``[G, ...]`` view when they already lie as consecutive lanes of
+        one tensor (``config.lane_views``, templates that write nothing in place)."""
+        if not self.config.lane_views:
+            return None
+        readonly = self._readonly.get(id(plan))
+        if readonly is None:
+            readonly = self._readonly[id(plan)] = not placement.has_mutation(list(plan.template.graph.nodes), {})
+        return lane_view(values) if readonly else None
+
+    def forward(
+        self, group_id: int, stacks: list[torch.Tensor], *inputs: Any, head: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The cells' outputs, cell by cell. A template with ``plan.carry`` writes output
+        ``plan.carry[1]`` one lane up; given ``head`` (the input of slot ``plan.carry[0]`` of the
+        next step's lane 0), the result ends with that buffer's lane 0: ``head``'s values,
+        where the next step reads them in place."""
+        group = self.groups[group_id]
+        plan = self.plans[group.variant]
+        num_cells, num_lanes = len(group.cells), len(group.lanes)
+        args: list[Any] = []
+        cursor = 0
+        for slot, kind in enumerate(plan.slot_kinds):
+            if kind == "shared":
+                args.append(inputs[cursor])
+                cursor += 1
+            elif kind == "unused":  # no longer read by the template (diagpass.placement.unused_slots)
+                args.append(None)
+            elif kind == "per_cell":
+                values = inputs[cursor : cursor + num_cells]
+                cursor += num_cells
+                run = self._lane_view(plan, values) if num_lanes == num_cells else None
+                if run is not None:
+                    args.append(run)  # [G, ...], read in place
+                    counters["diagpass"]["lane_views"] += 1
+                elif num_lanes == num_cells:
+                    args.append(torch.stack(values))  # [G, ...]
+                else:  # padded lanes repeat the first cell's input; their outputs are dropped
+                    lane_values = [values[0]] * num_lanes
+                    for cell_index, lane in enumerate(group.cell_lane):
+                        lane_values[lane] = values[cell_index]
+                    args.append(torch.stack(lane_values))
+            else:
+                stack = stacks[plan.stack_ids[slot]]
+                if group.contiguous:
+                    args.append(stack[group.lanes[0] : group.lanes[0] + num_lanes])  # [G, ...], no copy
+                else:
+                    index = torch.tensor(group.lanes, device=stack.device)
+                    args.append(stack.index_select(0, index))
+        carry = None
+        if plan.carry is not None:
+            # Every step of a carrying template carries, so a template compiles once per
+            # lane count. Without a next segment to start, lane 0 of the step's own input for
+            # that slot fills the head's lane (one lane copied, never read).
+            carry = plan.carry[1]
+            args.append(head if head is not None else args[plan.carry[0]][0])
+        else:
+            assert head is None, "a head for a template without a proven carry"
+        step = self._resolved.get((group_id, carry))
+        if step is None:  # a group's argument layouts never change: look its step up once
+            step, fresh = self.compiler.get(
+                key=plan.key,
+                template=plan.template,
+                in_dims=plan.in_dims,
+                args=args,
+                batch=num_lanes,
+                config=plan.config or self.config,
+                static=[kind == "by_layer" for kind in plan.slot_kinds],
+                carry=carry,
+            )
+            self._resolved[(group_id, carry)] = step
+            if id(step) not in self.used_steps:
+                self.used_steps[id(step)] = step
+                self.batched_gemms += step.batched_gemms
+            if fresh:
+                self.compile_s += step.compile_s
+        outputs = step.fn(*args)
+        counters["diagpass"]["batched_steps"] += 1
+        counters["diagpass"]["cells_run"] += num_cells
+        if carry is None:
+            return tuple(out[lane] for lane in group.cell_lane for out in outputs)
+        shift = [int(i == carry) for i in range(len(outputs))]  # the carried output: one lane up
+        cells = tuple(out[lane + up] for lane in group.cell_lane for out, up in zip(outputs, shift))
+        if head is None:
+            return cells
+        counters["diagpass"]["carried_steps"] += 1
+        return (*cells, outputs[carry][0])
+
+
+def lane_view(values: Sequence[Any]) -> torch.Tensor | None:
+    """``values`` stacked along a new dim 0, as a view, when no copy is needed: one tensor
+    (``v.unsqueeze(0)``), the same tensor for every lane (an ``expand``), or tensors of one
+    storage with one shape and strides at evenly spaced, non-overlapping offsets (the lanes
+    ``out[a]``, ..., ``out[a+n-1]`` of a step's output ``out``). ``None`` otherwise.
+    """
+    first = values[0] if values else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    if len(values) == 1:
+        return first.unsqueeze(0)
+    if all(value is first for value in values):  # one tensor for every cell (e.g. hoisted rotary tables)
+        return first.unsqueeze(0).expand(len(values), *first.shape)
+    second = values[1]
+    if not isinstance(second, torch.Tensor):
+        return None
+    step = second.storage_offset() - first.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(first.shape, first.stride()))
+    if first.numel() == 0 or step < extent:  # lanes must not overlap (nor run backwards)
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for i, value in enumerate(values):
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.untyped_storage().data_ptr() != storage
+            or value.storage_offset() != first.storage_offset() + i * step
+            or value.shape != first.shape
+            or value.stride() != first.stride()
+            or value.dtype != first.dtype
+        ):
+            return None
+    return first.as_strided((len(values), *first.shape), (step, *first.stride()), first.storage_offset())
+
+
+def step_in_dims(slot_kinds: list[str]) -> list[int | None]:
+    """vmap's in_dims for a template's slots: stacked slots along dim 0, the others unbatched."""
+    return [0 if kind in ("per_cell", "by_layer") else None for kind in slot_kinds]
