@@ -238,9 +238,16 @@ class UnitForm:
     """Nodes of the previous unit this unit reads, in first-read order (``("P", r)``)."""
 
 
-def unit_form(split: UnitSplit, segment: int, keys: dict[torch.fx.Node, Hashable], labels: CellLabels) -> UnitForm:
+def unit_form(
+    split: UnitSplit, segment: int, keys: dict[torch.fx.Node, Hashable], labels: CellLabels, *, cell_detail: bool = True
+) -> UnitForm:
     """The canonical form of unit ``segment``. Raises :class:`RerollError` on a read the
-    generalised program could not reproduce (a value from an older unit, or post)."""
+    generalised program could not reproduce (a value from an older unit, or post).
+
+    ``cell_detail=False`` puts a cell's node in the form by its op and its reads from outside
+    its cell only, with no holes: for a caller that runs each cell through its template
+    variant and checks those variants itself (:func:`prove_fixed`). The cells are most of a
+    unit, and their templates already compare them op by op."""
     nodes = split.units[segment]
     prev: dict[torch.fx.Node, int] = {}
     literals: list[int] = []
@@ -256,6 +263,13 @@ def unit_form(split: UnitSplit, segment: int, keys: dict[torch.fx.Node, Hashable
             return r
 
         first = len(literals)
+        cell = labels.cell_of.get(node)
+        if cell is not None and not cell_detail:
+            outside = tuple(ref(a) for a in node.all_input_nodes if labels.cell_of.get(a) != cell)
+            ops.append((_target_name(node), "cell", outside, None, cell[0]))  # the layer at [4], as below
+            slots_of.append([])
+            all_refs.append(refs)
+            continue
         form = (
             _target_name(node),
             _structure(node.args, ref, literals),
@@ -641,7 +655,7 @@ def prove_fixed(probe: Probe, *, split: UnitSplit | None = None) -> RerollPlan:
     count = len(split.units)
     if count < 2:
         raise RerollError(f"{count} segment(s): nothing to schedule across segments")
-    forms = [unit_form(split, s, probe.keys, probe.labels) for s in range(count)]
+    forms = [unit_form(split, s, probe.keys, probe.labels, cell_detail=False) for s in range(count)]
     first, steady = forms[0], forms[1]
     for form in forms[2:]:
         if form.form != steady.form:
