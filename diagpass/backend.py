@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from diagpass.capture import trace_clock
 from diagpass.config import DiagbatchConfig, parse_options
-from diagpass.errors import DiagpassError, StructureError
+from diagpass.errors import DiagpassError, StructureError, through_dynamo
 from diagpass.lower import StepCompiler
 from diagpass.passes import CellLabels
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_fixed, split_units
@@ -103,10 +103,12 @@ class CompileRecord:
         else:
             head = f"FELL BACK to plain {plain}: {self.reason}"
         t = self.times
+        steps = (
+            f" steps={self.num_steps} (sequential would be {self.num_layers * self.num_segments})" if self.applied else ""
+        )
         lines = [
             f"diagbatch: {head}",
-            f"  L={self.num_layers} S={self.num_segments} steps={self.num_steps} "
-            f"(sequential would be {self.num_layers * self.num_segments}); graph of {self.num_nodes} nodes",
+            f"  L={self.num_layers} S={self.num_segments}{steps}; graph of {self.num_nodes} nodes",
             f"  time: capture {t.capture_s if t.capture_s is None else round(t.capture_s, 3)}s, "
             f"analysis {t.analysis_s:.3f}s, rewrite {t.rewrite_s:.3f}s, inductor {t.inductor_s:.3f}s",
         ]
@@ -182,7 +184,7 @@ def _internal_error(
     counters["diagpass"]["internal_errors"] += 1
     log.error("diagbatch: %s", record.reason, exc_info=error)
     if record.config.strict:
-        raise DiagpassError(f"diagbatch (strict): {record.reason}") from error
+        raise through_dynamo(DiagpassError(f"diagbatch (strict): {record.reason}")) from error
     return _fallback(gm, example_inputs, record)
 
 
@@ -194,7 +196,10 @@ def diagbatch(
     options: dict[str, Any] | None = None,
 ) -> Any:
     """torch.compile backend: diagonal batching for segment-recurrent models."""
-    config = parse_options(options, mode=mode)
+    try:
+        config = parse_options(options, mode=mode)
+    except DiagpassError as error:  # catchable as itself, not as Dynamo's BackendCompilerFailed
+        raise through_dynamo(error) from None
     record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
     record.times.capture_s = trace_clock.elapsed()
 
@@ -225,12 +230,14 @@ def diagbatch(
     if not report.ok or templates is None:
         record.reason = report.reason or "no cells found"
         if config.strict:
-            raise StructureError(f"diagbatch (strict): diagonal structure not proven: {record.reason}", report.violations)
+            raise through_dynamo(
+                StructureError(f"diagbatch (strict): diagonal structure not proven: {record.reason}", report.violations)
+            )
         return _fallback(gm, example_inputs, record)
     if templates.unbatchable:
         record.reason = templates.unbatchable
         if config.strict:
-            raise StructureError(f"diagbatch (strict): cells cannot be batched: {record.reason}")
+            raise through_dynamo(StructureError(f"diagbatch (strict): cells cannot be batched: {record.reason}"))
         return _fallback(gm, example_inputs, record)
     if report.num_segments < config.min_segments:
         record.reason = f"{report.num_segments} segment(s) < min_segments={config.min_segments}"

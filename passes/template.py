@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from .cells import Cell, CellLabels
 from .dependencies import source_line
@@ -40,6 +41,7 @@ __all__ = [
     "extract_templates",
     "build_template_module",
     "node_value",
+    "draws_random",
 ]
 
 SlotKind = Literal["shared", "by_layer", "per_cell"]
@@ -158,6 +160,38 @@ def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
+_DROPOUTS = {
+    F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
+}
+"""Dropout functions, with the position of their ``training`` argument (default True)."""
+_RANDOM_NAMES = frozenset(
+    "rand randn randint rand_like randn_like randint_like randperm bernoulli bernoulli_ multinomial normal normal_ "
+    "poisson exponential_ uniform_ cauchy_ log_normal_ geometric_ native_dropout".split()
+)
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def draws_random(node: torch.fx.Node) -> bool:
+    """Whether ``node`` draws random numbers: dropout in training mode with ``p > 0``, attention
+    with ``dropout_p > 0``, or a sampling op (``rand*``, ``bernoulli``, ``normal``...)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    if target in _DROPOUTS or target is torch.dropout:
+        training = _arg(node, 2, "training" if target is not torch.dropout else "train", True)
+        p = _arg(node, 1, "p", 0.5)
+        return bool(training) and not (isinstance(p, (int, float)) and p == 0)
+    if target is F.scaled_dot_product_attention:
+        p = _arg(node, 4, "dropout_p", 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name in _RANDOM_NAMES
+
 
 def _mutates_input(node: torch.fx.Node, local: set[torch.fx.Node]) -> bool:
     """Whether ``node`` writes into a tensor that lives outside its cell."""
@@ -209,6 +243,14 @@ def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnal
                 if _mutates_input(node, members):
                     where, _ = source_line(node)
                     unbatchable = f"cell {cell} writes in place into a value from outside the cell ({node.name} at {where})"
+                    break
+                if draws_random(node):
+                    where, _ = source_line(node)
+                    unbatchable = (
+                        f"cell {cell} draws random numbers ({_target_name(node).split('.')[-1]} at {where}): is the model "
+                        "in train() mode with dropout? Call model.eval() for inference; a batched diagonal would draw "
+                        "them in another order than the sequential model"
+                    )
                     break
 
     # Output slots: every local that some cell of the variant lets escape.
