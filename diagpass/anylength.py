@@ -43,7 +43,7 @@ from diagpass.program import DiagonalProgram, RunStats, plan_program
 
 log = logging.getLogger("diagpass.anylength")
 
-__all__ = ["compile", "AnyLengthModel", "RerollReport", "RunRecord", "GeneralisationError"]
+__all__ = ["compile", "AnyLengthModel", "RerollReport", "RunRecord", "GeneralisationError", "ProbeError"]
 
 _SCALARS = (bool, int, float, str, type(None))
 _RUN_HISTORY = 32
@@ -53,6 +53,16 @@ _NOT_STATE = frozenset({"_parameters", "_buffers", "_modules", "_is_torch_compil
 
 class GeneralisationError(DiagpassError):
     """The probe does not prove that the forward generalises to other lengths."""
+
+
+class ProbeError(InputError, GeneralisationError):
+    """The probe cannot prove anything: empty, or shorter than 3 segments. Catchable as
+    :class:`~diagpass.InputError` (bad input) and as :class:`GeneralisationError`."""
+
+
+_PROBE_HINT = (
+    "pass one call's arguments 3 or 4 segments long, e.g. diagpass.compile(model, input_ids[:, : 3 * segment_size])"
+)
 
 
 @dataclass(kw_only=True)
@@ -418,12 +428,22 @@ def compile(  # noqa: A001 - the public name the issue asks for
     started = time.perf_counter()
 
     arg_leaves, arg_spec = pytree.tree_flatten((probe_args, probe_kwargs))
+    if not any(isinstance(leaf, torch.Tensor) for leaf in arg_leaves):
+        raise ProbeError(f"diagpass.compile: the probe has no tensor argument; {_PROBE_HINT}")
+    for i, leaf in enumerate(arg_leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.numel() == 0:
+            raise ProbeError(f"diagpass.compile: the probe is empty (argument {i} has shape {tuple(leaf.shape)}); {_PROBE_HINT}")
     captured, before = _capture_once(model, probe_args, probe_kwargs)
     report.trace_s.append(captured.trace_s)
     gm = captured.graph_module
     assert gm is not None
     analysis = analyze_graph(gm)
     verdict = analysis.report
+    if 0 < verdict.num_segments < 3:
+        raise ProbeError(
+            f"diagpass.compile: the probe runs {verdict.num_segments} segment(s); diagpass.compile needs a probe of at "
+            f"least 3 segments (the first one, and two that show the steady state): {_PROBE_HINT}"
+        )
     if not verdict.ok or analysis.templates is None:
         raise StructureError(f"diagpass.compile: diagonal structure not proven: {verdict.reason}", verdict.violations)
     if analysis.templates.unbatchable:
@@ -497,9 +517,9 @@ def compile(  # noqa: A001 - the public name the issue asks for
                 "on the number of segments"
             )
         if other.writes != mapping.writes:
-            changed = sorted(set(other.writes.items()) ^ set(mapping.writes.items()), key=repr)[:3]
             raise GeneralisationError(
-                f"diagpass.compile: the state the forward writes back depends on the input length: {changed}"
+                "diagpass.compile: the state the forward writes back depends on the input length: "
+                + _describe_write_difference(mapping.writes, other.writes, report.probes[0], report.probes[i])
             )
 
     prove_start = time.perf_counter()
@@ -539,6 +559,38 @@ def compile(  # noqa: A001 - the public name the issue asks for
         config=config,
         report=report,
     )
+
+
+def _describe_write_difference(
+    mine: dict[tuple[str, str], Hashable],
+    theirs: dict[tuple[str, str], Hashable],
+    my_probe: tuple[int, int],
+    their_probe: tuple[int, int],
+) -> str:
+    """The first attribute written differently by two probes, as the user names it."""
+    for where in sorted(set(mine) | set(theirs)):
+        if mine.get(where) != theirs.get(where):
+            path, name = where
+            attribute = f"{path}.{name}" if path else name
+            hint = (
+                " (a Python counter of segments? keep it out of forward, or derive it from the input length)"
+                if all(isinstance(v, tuple) and v[0] == "const" for v in (mine.get(where), theirs.get(where)))
+                else ""
+            )
+            return (
+                f"attribute `{attribute}` of the model is {_describe_source(mine.get(where))} after {my_probe[0]} "
+                f"segments and {_describe_source(theirs.get(where))} after {their_probe[0]}{hint}"
+            )
+    return "unknown attribute"
+
+
+def _describe_source(source: Any) -> str:
+    if source is None:
+        return "not written"
+    kind, what = source
+    if kind == "const":
+        return repr(what)
+    return "an output of the graph" if kind == "out" else "an input of the graph"
 
 
 def _value_of(source: Hashable, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:

@@ -98,6 +98,13 @@ def _is_mutation(node: torch.fx.Node) -> bool:
     return False
 
 
+def user_code(node: torch.fx.Node) -> str:
+    """``node`` as the user wrote it: ``"`code` (file:line)"``, for error messages (the FX
+    node's name when no source line is known)."""
+    where, code = source_line(node)
+    return f"`{code}` ({where})" if code else f"{node.name} ({where})"
+
+
 def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
     """Cut ``graph`` into pre, one unit per segment, and post (linear in graph size)."""
     nodes = list(graph.nodes)
@@ -135,8 +142,7 @@ def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
         else:
             if node not in live:
                 if _is_mutation(node):
-                    where, _ = source_line(node)
-                    raise RerollError(f"{node.name} at {where} writes in place outside the layers")
+                    raise RerollError(f"{user_code(node)} writes in place outside the layers")
                 continue
             read = {split.unit_of[i] for i in node.all_input_nodes if i in split.unit_of}
             if len(read) > 1 or any(i in post_set for i in node.all_input_nodes):
@@ -301,23 +307,22 @@ def _unit_ref(
     unit = split.unit_of.get(arg)
     if unit == segment:
         return ("L", split.position[arg])
-    where, _ = source_line(node)
     if unit == segment - 1:
         if node in labels.cell_of and arg in labels.cell_of:
             if arg not in prev:
                 prev[arg] = len(prev)
             return ("P", prev[arg])
         raise RerollError(
-            f"segment {segment} reads {arg.name} of segment {unit} outside the layers' state "
-            f"({node.name} at {where}); only a layer may read its own previous segment's values"
+            f"segment {segment} reads {user_code(arg)} of segment {unit} outside the layers' state "
+            f"(in {user_code(node)}); only a layer may read its own previous segment's values"
         )
     if unit is not None:
         raise RerollError(
-            f"segment {segment} reads {arg.name} of segment {unit} ({node.name} at {where}); "
+            f"segment {segment} reads {user_code(arg)} of segment {unit} (in {user_code(node)}); "
             f"a segment may read only the one before it"
         )
     raise RerollError(
-        f"segment {segment} reads {arg.name}, a value computed from several segments ({node.name} at {where})"
+        f"segment {segment} reads {user_code(arg)}, a value computed from several segments (in {user_code(node)})"
     )
 
 
@@ -553,7 +558,7 @@ def _post_structure(
                 return ("UNIT", split.unit_of[arg], split.position[arg])
             if split.unit_of[arg] != last:
                 raise RerollError(
-                    f"{where} reads {arg.name} of segment {split.unit_of[arg]} alone: the result "
+                    f"{where} reads {user_code(arg)} of segment {split.unit_of[arg]} alone: the result "
                     "would depend on which segments exist (only per-segment lists or the last segment "
                     "can be read after the loop)"
                 )
@@ -613,7 +618,7 @@ def _outer_forms(
     for node in split.post:
         lits = []
         first_form: list[int] = []
-        where = f"{node.name} at {source_line(node)[0]}"
+        where = user_code(node)
         shape = (
             _target_name(node),
             _post_structure(node.args, split, keys, lits, where, first_form, fixed),
@@ -703,26 +708,30 @@ def prove_reroll(probes: Sequence[Probe]) -> RerollPlan:
     forms = [[unit_form(sp, s, p.keys, p.labels) for s in range(len(sp.units))] for sp, p in zip(splits, probes)]
     outer = [_outer_forms(sp, p.keys) for sp, p in zip(splits, probes)]
 
-    def differs(i: int, what: str, detail: str) -> RerollError:
+    def probe_name(i: int) -> str:
+        lengths = probes[i].segment_lengths
+        name = "the probe" if i == 0 else f"cut probe {i}"
+        return f"{name} ({len(lengths)} segments, the last of {lengths[-1]})"
+
+    def differs(i: int, subject: str, against: str, detail: str) -> RerollError:
         return RerollError(
-            f"probe {i} ({probes[i].labels.num_segments} segments) has {what} than probe 0 "
-            f"({main.labels.num_segments} segments): {detail}; the forward does not repeat one segment template"
+            f"{subject} of {probe_name(i)} differs from {against}: {detail}; the forward does not repeat one segment template"
         )
 
     first, steady = forms[0][0], forms[0][1]
     for i, probe_forms in enumerate(forms):
         if probe_forms[0].form != first.form or probe_forms[0].literals != first.literals:
-            raise differs(i, "another first segment", _first_difference(probe_forms[0], first, splits[i], splits[0]))
+            detail = _first_difference(probe_forms[0], first, splits[i], splits[0])
+            raise differs(i, "the first segment", "the probe's first segment", detail)
         for form in probe_forms[1:]:
             if form.form != steady.form:
-                raise differs(
-                    i, f"another segment {form.segment}", _first_difference(form, steady, splits[i], splits[0])
-                )
-        for part, name in ((0, "another computation before the loop"), (1, "another computation after the loop")):
+                detail = _first_difference(form, steady, splits[i], splits[0])
+                raise differs(i, f"segment {form.segment}", "segment 1 of the probe", detail)
+        for part, name in ((0, "the computation before the loop"), (1, "the computation after the loop")):
             if outer[i][0][part] != outer[0][0][part]:
-                raise differs(i, name, "its nodes or int literals differ (they may depend on the input length)")
+                raise differs(i, name, "the probe's", "its nodes or int literals differ (they may depend on the input length)")
         if outer[i][0][2] != outer[0][0][2]:
-            raise differs(i, "other outputs", "the forward's outputs differ in number or in where they come from")
+            raise differs(i, "the outputs", "the probe's", "they differ in number or in where they come from")
 
     exports = _exports(splits, forms)
 
@@ -742,14 +751,14 @@ def prove_reroll(probes: Sequence[Probe]) -> RerollPlan:
                 where, _ = source_line(hole_node)
                 seen = sorted({(s, n, v[slot]) for (s, n), v in zip(points, values)})
                 raise RerollError(
-                    f"an int literal of {hole_node.name} at {where} is not an affine function of the "
+                    f"an int literal of {user_code(hole_node)} is not an affine function of the "
                     f"segment index s and length n (seen (s, n, value): {seen[:6]}); probe with more "
                     "segments, or the forward does not repeat one template"
                 )
             if hole_node in main.labels.cell_of and fit.b != 0:
                 where, _ = source_line(hole_node)
                 raise RerollError(
-                    f"{hole_node.name} at {where}, inside layer {main.labels.cell_of[hole_node][0]}, uses an int "
+                    f"{user_code(hole_node)}, inside layer {main.labels.cell_of[hole_node][0]}, uses an int "
                     f"that changes with the segment index ({fit.a} + {fit.b}*s): cells of one diagonal could not "
                     "share a kernel"
                 )
@@ -774,7 +783,7 @@ def _first_difference(mine: UnitForm, theirs: UnitForm, my_split: UnitSplit, the
     for i, (a, b) in enumerate(zip(mine.form, theirs.form)):
         if a != b:
             node = my_split.units[mine.segment][i]
-            return f"op {i} ({node.name} at {source_line(node)[0]}) differs"
+            return f"op {i}, {user_code(node)}, differs"
     if len(mine.form) != len(theirs.form):
         return f"{len(mine.form)} ops against {len(theirs.form)}"
     for i, (a, b) in enumerate(zip(mine.literals, theirs.literals)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -265,3 +266,34 @@ def test_min_lanes_pads_the_ramps() -> None:
     first = [len(g.lanes) for g in layout.groups if g.variant == 1]
     assert set(steady) == {4} and set(first) == {1}  # the first segment is never padded
     assert diagpass.compile(model, _ids(1, 12)).config.min_lanes == 4  # diagpass.compile default
+
+
+# --- errors name the user's code, probes that prove nothing are input errors ---------------------
+
+
+@pytest.mark.parametrize("probe", [_ids(1, 0), _ids(1, 4), _ids(1, 8)])
+def test_empty_or_short_probe_is_an_input_error_saying_what_to_pass(probe: torch.Tensor) -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=4, num_mem_tokens=2)
+    with pytest.raises(diagpass.InputError, match=r"3 or 4 segments long") as caught:
+        diagpass.compile(model, probe, options=EAGER_STEPS)
+    assert isinstance(caught.value, diagpass.GeneralisationError)  # as before, for existing handlers
+
+
+@pytest.mark.parametrize(
+    "model_class,code,attribute",
+    [
+        (SegmentIndexInsideLayers, "hidden_states.roll(shift, dims=-1)", None),
+        (CountsSegments, None, "`seen`"),
+    ],
+)
+def test_generalisation_errors_name_the_users_code(model_class: type, code: str | None, attribute: str | None) -> None:
+    model = model_class(layers=2, segment_size=4, num_mem_tokens=2)
+    with pytest.raises(diagpass.GeneralisationError) as caught:
+        diagpass.compile(model, _ids(1, 12), options=EAGER_STEPS)
+    message = str(caught.value)
+    if code is not None:
+        assert code in message and "reroll_models.py:" in message
+        assert not re.search(r"\broll_\d+\b", message)  # no FX node names
+    if attribute is not None:
+        assert attribute in message and "counter of segments" in message
+    assert "probe 0" not in message
