@@ -297,8 +297,11 @@ def _classify_slots(templates: list[CellTemplate], bindings: dict[Cell, CellBind
         kinds: list[SlotKind] = []
         for slot in range(template.num_inputs):
             bound = [bindings[c].inputs[slot] for c in template.cells]
-            # One cell proves nothing shared: treat its inputs as per layer / per cell.
-            if len(bound) > 1 and all(b is bound[0] for b in bound):
+            # One cell proves nothing shared of a computed value: treat it as per cell. A graph
+            # input (a weight) read by every cell of a variant of one layer is shared, whether
+            # one cell or many: the same kernels as that layer's other variants at other lengths.
+            single_layer = len({c[0] for c in template.cells}) == 1
+            if all(b is bound[0] for b in bound) and (len(bound) > 1 or (single_layer and bound[0].op == "placeholder")):
                 kinds.append("shared")
                 continue
             by_layer: dict[int, torch.fx.Node] = {}

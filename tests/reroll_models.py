@@ -93,3 +93,23 @@ class CountsSegments(ReferenceStyleARMT):
             self.seen += 1
             logits.append(_segment(self, ids, lambda layer, x: layer(x)[0]))
         return torch.cat(logits, dim=1)
+
+
+class _FirstLayerScaled(AssociativeBlock):
+    """Layer 0 only scales its input (a branch on the layer index, as research code writes it)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if self.layer_index == 0:
+            hidden_states = hidden_states * 2.0
+        return super().forward(hidden_states)
+
+
+class LayerZeroBranch(ReferenceStyleARMT):
+    """Layer-specific code: a branch taken on layer 0 only. Layers 1..L-1 share one template,
+    so their cells still batch on every diagonal; layer 0 runs as its own variant."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        for index, layer in enumerate(self.layers):
+            layer.__class__ = _FirstLayerScaled
+            layer.layer_index = index

@@ -18,6 +18,7 @@ from tests.helpers import float64_noise, logits_of, max_rel_err, rel_err, state_
 from tests.reference_style import ReferenceStyleARMT
 from tests.reroll_models import (
     CountsSegments,
+    LayerZeroBranch,
     PerSegmentOutputs,
     SegmentIndexBetweenLayers,
     SegmentIndexInsideLayers,
@@ -297,3 +298,13 @@ def test_generalisation_errors_name_the_users_code(model_class: type, code: str 
     if attribute is not None:
         assert attribute in message and "counter of segments" in message
     assert "probe 0" not in message
+
+
+def test_layer_specific_branch_any_length_exact_and_batched() -> None:
+    model = LayerZeroBranch(layers=4, segment_size=4, num_mem_tokens=2)
+    fast = assert_any_length_exact(model, segment=4, lengths=[4, 8, 28, 132, 30], batch=2, noise_aware=True)
+    cells = fast.report.runs[-1].stats.cells_per_call
+    assert max(cells) == 3  # layers 1..3 batch on every full diagonal; layer 0 is its own variant
+    variants = {v.name for v in fast.program.plan.variants}
+    assert len(fast.program.plan.variants) == 4  # steady and first segment, each for layer 0 and the others
+    assert "steady" in variants and "first segment" in variants

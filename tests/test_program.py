@@ -15,6 +15,7 @@ import diagpass
 from diagpass import models
 from tests.helpers import logits_of, state_of
 from tests.reference_style import ReferenceStyleARMT
+from tests.reroll_models import LayerZeroBranch, SegmentIndexBetweenLayers
 
 
 def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -28,6 +29,8 @@ ZOO: dict[str, Callable[[], torch.nn.Module]] = {
     "linear-memory": lambda: models.build_linear_memory(segment_size=8, d_key=8),
     "per-layer-memory": lambda: models.build_per_layer_memory_rmt(segment_size=8, num_mem_tokens=4),
     "reference-style": lambda: ReferenceStyleARMT(layers=3, segment_size=8, num_mem_tokens=2),
+    "segment-index-between-layers": lambda: SegmentIndexBetweenLayers(layers=3, segment_size=8, num_mem_tokens=2),
+    "layer-zero-branch": lambda: LayerZeroBranch(layers=4, segment_size=8, num_mem_tokens=2),
 }
 
 
@@ -36,41 +39,42 @@ def _vocab(model: torch.nn.Module) -> int:
     return config.vocab_size if config is not None else 64
 
 
-def _both(model: torch.nn.Module, length: int, options: dict[str, Any], batch: int = 2) -> tuple[Any, ...]:
-    """(backend output, backend state, compile output, compile state, backend program, compile program)."""
-    vocab = _vocab(model)
-    ids = _ids(batch, length, vocab, seed=length)
-    twin = copy.deepcopy(model)
-    fast = diagpass.compile(twin, _ids(batch, 24, vocab), options=options)
+def _backend(model: torch.nn.Module, ids: torch.Tensor, options: dict[str, Any]) -> tuple[Any, ...]:
     compiled = torch.compile(model, backend="diagbatch", dynamic=False, options=options)
     with torch.no_grad():
-        mine = logits_of(compiled(ids)).clone()
-        theirs = logits_of(fast(ids)).clone()
+        out = logits_of(compiled(ids)).clone()
     record = diagpass.last_compile()
     assert record is not None and record.applied and record.path == "diagonal program", record
-    assert fast.report.runs[-1].path == "diagonal"
-    return mine, state_of(model), theirs, state_of(twin), record.program, fast.program
+    return out, state_of(model), record.program
+
+
+def _assert_one_program(model: torch.nn.Module, lengths: list[int], options: dict[str, Any], batch: int = 2) -> None:
+    """At every length, the backend and ``diagpass.compile`` (one probe) agree to the bit."""
+    vocab = _vocab(model)
+    twin = copy.deepcopy(model)
+    fast = diagpass.compile(twin, _ids(batch, 24, vocab), options=options)
+    for length in lengths:
+        ids = _ids(batch, length, vocab, seed=length)
+        mine, my_state, program = _backend(model, ids, options)
+        with torch.no_grad():
+            theirs = logits_of(fast(ids)).clone()
+        assert fast.report.runs[-1].path == "diagonal"
+        assert isinstance(program, diagpass.DiagonalProgram) and isinstance(fast.program, diagpass.DiagonalProgram)
+        assert torch.equal(mine, theirs), f"{length} tokens: {(mine - theirs).abs().max()}"
+        their_state = state_of(twin)
+        assert len(my_state) == len(their_state) > 0
+        for a, b in zip(my_state, their_state):
+            assert torch.equal(a, b), f"{length} tokens: final state differs"
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
-@pytest.mark.parametrize("length", [40, 37])
-def test_backend_and_compile_are_one_program_bitwise(name: str, length: int) -> None:
-    options = {"compiler": "eager", "min_lanes": 1}
-    mine, my_state, theirs, their_state, program, fast_program = _both(ZOO[name](), length, options)
-    assert isinstance(program, diagpass.DiagonalProgram) and isinstance(fast_program, diagpass.DiagonalProgram)
-    assert torch.equal(mine, theirs), (mine - theirs).abs().max()
-    assert len(my_state) == len(their_state) > 0
-    for a, b in zip(my_state, their_state):
-        assert torch.equal(a, b)
+def test_backend_and_compile_are_one_program_bitwise(name: str) -> None:
+    _assert_one_program(ZOO[name](), [40, 37], {"compiler": "eager", "min_lanes": 1})
 
 
 @pytest.mark.slow
 def test_backend_and_compile_are_one_program_bitwise_with_inductor() -> None:
-    options = {"compiler": "inductor", "min_lanes": 1}
-    mine, my_state, theirs, their_state, _, _ = _both(ZOO["armt-llama"](), 40, options)
-    assert torch.equal(mine, theirs)
-    for a, b in zip(my_state, their_state):
-        assert torch.equal(a, b)
+    _assert_one_program(ZOO["armt-llama"](), [40], {"compiler": "inductor", "min_lanes": 1})
 
 
 def test_print_program_says_what_it_decided() -> None:
@@ -113,3 +117,17 @@ def test_record_counts_the_cells_of_every_call() -> None:
     assert max(cells) == 4 and sum(cells) == 4 * 8
     assert "batched calls of 1-4 cells" in str(record)
     assert counters["diagpass"]["programs"] >= 1
+
+
+def test_layer_specific_cells_batch_per_variant_in_the_backend() -> None:
+    model = LayerZeroBranch(layers=4, segment_size=4, num_mem_tokens=2)
+    options = {"compiler": "eager", "pad": "none"}  # one call per variant and diagonal
+    compiled = torch.compile(model, backend="diagbatch", dynamic=False, options=options)
+    ids = _ids(2, 30, 64)
+    with torch.no_grad():
+        expected = model(ids).clone()
+        actual = compiled(ids)
+    record = diagpass.last_compile()
+    assert record.applied and record.path == "diagonal program" and record.num_steps == 4 + 8 - 1
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert max(len(g.cells) for g in record.program.groups) == 3  # layers 1..3 together, layer 0 alone
