@@ -425,11 +425,33 @@ def fit_affine(points: Sequence[tuple[int, int]], values: Sequence[Sequence[int]
     return fits
 
 
+def _split_of_input(node: Any) -> tuple[torch.fx.Node, int, int] | None:
+    """``(input, size, dim)`` when ``node`` is ``input.split(size, dim)`` of a graph input with
+    an int ``size`` (``torch.split`` or ``Tensor.split``); ``None`` otherwise."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    is_split = (node.op == "call_method" and node.target == "split") or (
+        node.op == "call_function" and node.target in (torch.split, torch.Tensor.split)
+    )
+    source = node.args[0]
+    if not is_split or not isinstance(source, torch.fx.Node) or source.op != "placeholder":
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not isinstance(dim, int):
+        return None
+    value = node_value(source)
+    if dim < 0 and isinstance(value, torch.Tensor):
+        dim += value.dim()
+    return source, size, dim
+
+
 def find_length_axes(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> tuple[int, dict[Hashable, int]]:
     """The segment length ``T`` and, per graph input the units slice, the sliced dim.
 
     Looks for ``input[..., s*T : ...]`` in every unit: a getitem on a graph input whose
-    index holds a slice starting at ``s*T`` in unit ``s``.
+    index holds a slice starting at ``s*T`` in unit ``s``; or chunk ``s`` of
+    ``input.split(T, dim)`` (``torch.split`` or ``Tensor.split`` with an int size).
     """
     starts: dict[tuple[Hashable, int], dict[int, set[int]]] = {}
     for seg, nodes in enumerate(split.units):
@@ -437,6 +459,11 @@ def find_length_axes(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> t
             if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
                 continue
             base, index = node.args
+            chunked = _split_of_input(base)
+            if chunked is not None and isinstance(index, int) and not isinstance(index, bool):
+                source, size, dim = chunked  # chunk `index` of input.split(size, dim) starts at index*size
+                starts.setdefault((keys[source], dim), {}).setdefault(seg, set()).add(index * size)
+                continue
             if not isinstance(base, torch.fx.Node) or base.op != "placeholder":
                 continue
             index = index if isinstance(index, tuple) else (index,)
@@ -460,7 +487,8 @@ def find_length_axes(split: UnitSplit, keys: dict[torch.fx.Node, Hashable]) -> t
     if not found:
         raise RerollError(
             "could not find how the input is split into segments: no segment slices a graph input as "
-            "input[..., s*T : ...] (diagpass.compile needs the forward to slice its inputs per segment)"
+            "input[..., s*T : ...] or chunk s of input.split(T, dim) (diagpass.compile needs the forward to slice "
+            "or split its inputs per segment; torch.chunk and unbind are not supported yet)"
         )
     return segment_size, found
 

@@ -74,12 +74,37 @@ class SegmentIndexBetweenLayers(ReferenceStyleARMT):
 
 
 class SplitSegments(ReferenceStyleARMT):
-    """Cuts the input with ``torch.split``: no per-segment slice to generalise."""
+    """Cuts the input with ``Tensor.split``, the last chunk maybe shorter: generalised (the
+    chunk index is the segment index)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self.layers:
             layer.zero_mem()
         segments = input_ids.split(self.segment_size, dim=1)
+        return torch.cat([_segment(self, ids, lambda layer, x: layer(x)[0]) for ids in segments], dim=1)
+
+
+class TorchSplitSegments(ReferenceStyleARMT):
+    """Cuts the input with ``torch.split`` along a negative dim, in a ``for`` loop."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self.layers:
+            layer.zero_mem()
+        logits = []
+        for ids in torch.split(input_ids, self.segment_size, dim=-1):
+            logits.append(_segment(self, ids, lambda layer, x: layer(x)[0]))
+        return torch.cat(logits, dim=1)
+
+
+class ChunkSegments(ReferenceStyleARMT):
+    """Cuts the input with ``torch.chunk`` into a count of segments: the count is a literal of the
+    computation before the loop that changes with the length (not generalised yet)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self.layers:
+            layer.zero_mem()
+        count = -(-input_ids.shape[1] // self.segment_size)
+        segments = input_ids.chunk(count, dim=1)
         return torch.cat([_segment(self, ids, lambda layer, x: layer(x)[0]) for ids in segments], dim=1)
 
 

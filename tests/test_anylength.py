@@ -17,7 +17,9 @@ from diagpass import models
 from tests.helpers import float64_noise, logits_of, max_rel_err, rel_err, state_of
 from tests.reference_style import ReferenceStyleARMT
 from tests.reroll_models import (
+    ChunkSegments,
     CountsSegments,
+    TorchSplitSegments,
     LayerZeroBranch,
     PerSegmentOutputs,
     SegmentIndexBetweenLayers,
@@ -224,7 +226,7 @@ def test_probe_too_short() -> None:
     [
         (PerSegmentOutputs, "depends on the number of segments"),
         (SegmentIndexInsideLayers, "changes with the segment index"),
-        (SplitSegments, "could not find how the input is split"),
+        (ChunkSegments, "could not find how the input is split"),
         (CountsSegments, "depends on the input length"),
     ],
 )
@@ -308,3 +310,10 @@ def test_layer_specific_branch_any_length_exact_and_batched() -> None:
     variants = {v.name for v in fast.program.plan.variants}
     assert len(fast.program.plan.variants) == 4  # steady and first segment, each for layer 0 and the others
     assert "steady" in variants and "first segment" in variants
+
+
+@pytest.mark.parametrize("model_class", [SplitSegments, TorchSplitSegments])
+def test_inputs_cut_by_split_any_length_exact(model_class: type) -> None:
+    model = model_class(layers=3, segment_size=4, num_mem_tokens=2)
+    fast = assert_any_length_exact(model, segment=4, lengths=[4, 8, 28, 132, 30], batch=2, noise_aware=True)
+    assert fast.report.segment_size == 4 and fast.report.length_inputs == {"argument 0": 1}

@@ -15,7 +15,7 @@ import diagpass
 from diagpass import models
 from tests.helpers import logits_of, state_of
 from tests.reference_style import ReferenceStyleARMT
-from tests.reroll_models import LayerZeroBranch, SegmentIndexBetweenLayers
+from tests.reroll_models import LayerZeroBranch, SegmentIndexBetweenLayers, SplitSegments
 
 
 def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -31,6 +31,7 @@ ZOO: dict[str, Callable[[], torch.nn.Module]] = {
     "reference-style": lambda: ReferenceStyleARMT(layers=3, segment_size=8, num_mem_tokens=2),
     "segment-index-between-layers": lambda: SegmentIndexBetweenLayers(layers=3, segment_size=8, num_mem_tokens=2),
     "layer-zero-branch": lambda: LayerZeroBranch(layers=4, segment_size=8, num_mem_tokens=2),
+    "split-input": lambda: SplitSegments(layers=3, segment_size=8, num_mem_tokens=2),
 }
 
 
