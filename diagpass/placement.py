@@ -24,6 +24,8 @@ from typing import Any
 
 import torch.fx
 
+from diagpass.passes.template import writes_in_place
+
 __all__ = ["LATE", "DROP_UNUSED", "place_late", "has_mutation", "unused_slots", "erase_unread"]
 
 LATE = True
@@ -32,28 +34,7 @@ LATE = True
 DROP_UNUSED = True
 """Pass nothing for cell inputs the template does not read, and drop what computed them."""
 
-_MUTATING = {operator.setitem, operator.delitem}
-_OPERATOR_INPLACE = {
-    "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
-    "iand", "ior", "ixor", "ilshift", "irshift", "iconcat", "setitem", "delitem",
-}
-
-
-def _mutates(node: torch.fx.Node) -> bool:
-    if node.op not in ("call_function", "call_method"):
-        return False
-    target = node.target
-    if target in _MUTATING:
-        return True
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if getattr(target, "__module__", None) in ("_operator", "operator"):
-        return name in _OPERATOR_INPLACE  # operator.and_ is not in place, operator.iand is
-    if name in ("__setitem__", "__delitem__") or (name.startswith("__i") and name.endswith("__")):
-        return True  # x[i] = v, x += v
-    if name.endswith("_") and not name.endswith("__"):  # x.add_(...), torch.relu_(...)
-        return True
-    schema = getattr(target, "_schema", None)
-    return bool(schema is not None and getattr(schema, "is_mutable", False))
+_mutates = writes_in_place  # the one definition of "writes in place" (diagpass.passes.template)
 
 
 def has_mutation(nodes: Sequence[torch.fx.Node], cell_of: Mapping[torch.fx.Node, Any]) -> bool:

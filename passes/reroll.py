@@ -35,7 +35,7 @@ import torch.fx
 
 from .cells import CellLabels
 from .dependencies import source_line
-from .template import _target_name, node_value
+from .template import _target_name, draws_random, node_value, writes_in_place
 
 __all__ = [
     "RerollError",
@@ -87,15 +87,25 @@ class UnitSplit:
     output: torch.fx.Node | None = None
 
 
-def _is_mutation(node: torch.fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return name in ("setitem", "iadd", "isub", "imul", "itruediv") or (
-            name.endswith("_") and not name.endswith("__") and not name.startswith("_")
-        )
-    return False
+def _pure_key(node: torch.fx.Node, split: UnitSplit) -> Any:
+    """A key equal for two pre nodes that compute the same value (same op on the same inputs),
+    or ``None`` where the node may not be merged: not a pure call, or its value is written in
+    place."""
+    if node.op not in ("call_function", "call_method") or writes_in_place(node) or draws_random(node):
+        return None
+    if any(writes_in_place(user) for user in node.users):
+        return None
+
+    def on_node(arg: torch.fx.Node) -> Any:
+        return ("PRE", split.pre_index[arg]) if arg in split.pre_index else ("N", id(arg))
+
+    literals: list[int] = []
+    try:
+        key = (_target_name(node), _structure(node.args, on_node, literals), _structure(node.kwargs, on_node, literals))
+        hash(key)
+    except TypeError:
+        return None
+    return key, tuple(literals)
 
 
 def user_code(node: torch.fx.Node) -> str:
@@ -131,6 +141,7 @@ def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
 
     split = UnitSplit(pre=[], units=[[] for _ in range(labels.num_segments)], post=[], output=output)
     post_set: set[torch.fx.Node] = set()
+    pre_by_key: dict[Any, torch.fx.Node] = {}
     for node in nodes:
         if node.op == "placeholder":
             split.placeholders.append(node)
@@ -141,7 +152,7 @@ def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
             seg = cell_of[node][1]
         else:
             if node not in live:
-                if _is_mutation(node):
+                if writes_in_place(node):
                     raise RerollError(f"{user_code(node)} writes in place outside the layers")
                 continue
             read = {split.unit_of[i] for i in node.all_input_nodes if i in split.unit_of}
@@ -152,6 +163,13 @@ def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
             elif node in fed and fed[node][0] == fed[node][1]:
                 seg = fed[node][0]
             else:
+                key = _pure_key(node, split)
+                same = pre_by_key.get(key) if key is not None else None
+                if same is not None:  # computed again (Gemma's `1 + weight` per segment): one value
+                    split.pre_index[node] = split.pre_index[same]
+                    continue
+                if key is not None:
+                    pre_by_key[key] = node
                 split.pre_index[node] = len(split.pre)
                 split.pre.append(node)
                 continue

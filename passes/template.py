@@ -42,6 +42,7 @@ __all__ = [
     "build_template_module",
     "node_value",
     "draws_random",
+    "writes_in_place",
 ]
 
 SlotKind = Literal["shared", "by_layer", "per_cell"]
@@ -158,7 +159,31 @@ def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.
     return tuple(ops), list(inputs), ops
 
 
-_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_MUTATING = {operator.setitem, operator.delitem}
+_OPERATOR_INPLACE = {
+    "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+    "iand", "ior", "ixor", "ilshift", "irshift", "iconcat", "setitem", "delitem",
+}
+
+
+def writes_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` may write a tensor in place: ``x.add_()``, ``x += y``, ``x[i] = v``,
+    an op whose schema is mutable. ``operator.and_`` is not in place; ``operator.iand`` is."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    if target in _MUTATING:
+        return True
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return name in _OPERATOR_INPLACE  # operator.and_ is not in place, operator.iand is
+    if name in ("__setitem__", "__delitem__") or (name.startswith("__i") and name.endswith("__")):
+        return True  # x[i] = v, x += v
+    if name.endswith("_") and not name.endswith("__"):  # x.add_(...), torch.relu_(...)
+        return True
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and getattr(schema, "is_mutable", False))
+
 
 _DROPOUTS = {
     F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
@@ -197,14 +222,7 @@ def _mutates_input(node: torch.fx.Node, local: set[torch.fx.Node]) -> bool:
     """Whether ``node`` writes into a tensor that lives outside its cell."""
     if not node.args or not isinstance(node.args[0], torch.fx.Node) or node.args[0] in local:
         return False
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        if node.target in _INPLACE_FUNCTIONS:
-            return True
-        name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
-    return False
+    return writes_in_place(node)
 
 
 def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnalysis:

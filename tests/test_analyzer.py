@@ -373,3 +373,20 @@ def test_analysis_is_a_small_part_of_the_cost() -> None:
     wall = time.perf_counter() - t0
     assert report.trace_s is not None and report.trace_s > 0
     assert report.analysis_s < wall
+
+
+def test_identical_pure_computations_before_the_loop_are_one_value() -> None:
+    """Gemma's final RMSNorm computes ``1 + weight`` again in every segment: the unit cut merges
+    the copies, so every segment reads one value and the segments share one form."""
+    from diagpass import models
+    from diagpass.capture import capture_whole
+    from diagpass.passes.reroll import split_units
+    from diagpass.report import analyze_graph
+
+    model = models.build_armt(base="gemma3", segment_size=8, num_mem_tokens=2, d_mem=8)
+    with torch.no_grad():
+        captured = capture_whole(model, (torch.randint(0, 128, (1, 24)),), {})
+    analysis = analyze_graph(captured.graph_module)
+    split = split_units(captured.graph_module.graph, analysis.labels)
+    adds = [n for n, i in split.pre_index.items() if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 3 and len({split.pre_index[n] for n in adds}) == 1

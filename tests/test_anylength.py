@@ -317,3 +317,13 @@ def test_inputs_cut_by_split_any_length_exact(model_class: type) -> None:
     model = model_class(layers=3, segment_size=4, num_mem_tokens=2)
     fast = assert_any_length_exact(model, segment=4, lengths=[4, 8, 28, 132, 30], batch=2, noise_aware=True)
     assert fast.report.segment_size == 4 and fast.report.length_inputs == {"argument 0": 1}
+
+
+@pytest.mark.parametrize("base", ["gemma2", "gemma3"])
+def test_gemma_bases_any_length_exact(base: str) -> None:
+    """Gemma recomputes the final norm's ``1 + weight`` in every segment (one value once the
+    repeated pure computations are merged) and has per-layer-type masks and rotary tables."""
+    model = models.build_armt(base=base, segment_size=8, num_mem_tokens=2, d_mem=8)
+    assert_any_length_exact(
+        model, segment=8, vocab=model.config.vocab_size, lengths=[8, 16, 56, 264, 61], noise_aware=True
+    )

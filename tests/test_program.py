@@ -26,6 +26,8 @@ ZOO: dict[str, Callable[[], torch.nn.Module]] = {
     "armt-llama": lambda: models.build_armt(base="llama", segment_size=8, num_mem_tokens=4, d_mem=8),
     "armt-qwen2": lambda: models.build_armt(base="qwen2", segment_size=8, num_mem_tokens=4, d_mem=8),
     "armt-gpt2": lambda: models.build_armt(base="gpt2", segment_size=8, num_mem_tokens=4, d_mem=8),
+    "armt-gemma2": lambda: models.build_armt(base="gemma2", segment_size=8, num_mem_tokens=4, d_mem=8),
+    "armt-gemma3": lambda: models.build_armt(base="gemma3", segment_size=8, num_mem_tokens=4, d_mem=8),
     "linear-memory": lambda: models.build_linear_memory(segment_size=8, d_key=8),
     "per-layer-memory": lambda: models.build_per_layer_memory_rmt(segment_size=8, num_mem_tokens=4),
     "reference-style": lambda: ReferenceStyleARMT(layers=3, segment_size=8, num_mem_tokens=2),

@@ -14,6 +14,10 @@ import transformers
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -120,6 +124,36 @@ def tiny_gpt2_config(**overrides: Any) -> GPT2Config:
     return GPT2Config(**kwargs)
 
 
+def _tiny_gemma_kwargs() -> dict[str, Any]:
+    return dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=8,  # shorter than a segment: the sliding layers' masks matter
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def tiny_gemma2_config(**overrides: Any) -> Gemma2Config:
+    """A tiny random Gemma2: hidden 64, 2 layers (sliding and global attention), eager attention
+    (transformers has no SDPA path for Gemma2's soft-capped attention)."""
+    kwargs = {**_tiny_gemma_kwargs(), "attn_implementation": "eager", **overrides}
+    return Gemma2Config(**kwargs)
+
+
+def tiny_gemma3_config(**overrides: Any) -> Gemma3TextConfig:
+    """A tiny random Gemma3 text model: hidden 64, 2 layers (sliding and global), SDPA attention."""
+    kwargs = {**_tiny_gemma_kwargs(), "attn_implementation": "sdpa", **overrides}
+    return Gemma3TextConfig(**kwargs)
+
+
 def llama_3_2_1b_config(**overrides: Any) -> LlamaConfig:
     """The Llama-3.2-1B shape (benchmark protocol): 16 layers, hidden 2048, 32 heads, 8 KV heads."""
     kwargs: dict[str, Any] = dict(
@@ -165,6 +199,8 @@ BASES: dict[str, tuple[type[nn.Module], Callable[..., PretrainedConfig]]] = {
     "llama": (LlamaForCausalLM, tiny_llama_config),
     "qwen2": (Qwen2ForCausalLM, tiny_qwen2_config),
     "gpt2": (GPT2LMHeadModel, tiny_gpt2_config),
+    "gemma2": (Gemma2ForCausalLM, tiny_gemma2_config),
+    "gemma3": (Gemma3ForCausalLM, tiny_gemma3_config),
 }
 
 
@@ -188,7 +224,7 @@ def build_base(
 ) -> nn.Module:
     """A random-weight HF causal LM in eval mode, built directly on ``device`` in ``dtype``.
 
-    ``base`` picks the family ("llama", "qwen2", "gpt2"); ``config`` defaults to that family's tiny
+    ``base`` picks the family ("llama", "qwen2", "gpt2", "gemma2", "gemma3"); ``config`` defaults to that family's tiny
     config. A config of another family is built with ``AutoModelForCausalLM.from_config``. Weights depend
     on ``seed`` and on the device's random generator (CPU and CUDA give different weights).
     """
