@@ -203,8 +203,6 @@ def diagbatch(
     record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
     record.times.capture_s = trace_clock.elapsed()
 
-    if not isinstance(example_inputs, (list, tuple)):
-        example_inputs = list(example_inputs)
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         record.reason = (
             "autograd is on: the diagonal program is inference-only; call the model under "

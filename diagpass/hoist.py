@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from diagpass.lower import _example
-from diagpass.placement import _mutates
+from diagpass.passes.template import writes_in_place
 
 __all__ = ["HoistedChunk", "split_invariant"]
 
@@ -67,7 +67,7 @@ def split_invariant(
             continue
         if node.op not in ("call_function", "call_method"):
             continue
-        if _mutates(node) or _is_random(node):
+        if writes_in_place(node) or _is_random(node):
             continue
         if all(arg in invariant for arg in node.all_input_nodes):
             invariant.add(node)

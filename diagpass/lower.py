@@ -85,7 +85,7 @@ def _subgraph_fn(
     ``None`` when ``target`` also reads a placeholder, attribute or module that is not a
     root, or an op that may write in place: then it is not a function of the roots alone.
     """
-    from diagpass.placement import _mutates
+    from diagpass.passes.template import writes_in_place
 
     needed: list[torch.fx.Node] = []
     seen: set[torch.fx.Node] = set()
@@ -97,7 +97,7 @@ def _subgraph_fn(
         seen.add(node)
         if node in roots:
             continue
-        if node.op not in ("call_function", "call_method") or _mutates(node):
+        if node.op not in ("call_function", "call_method") or writes_in_place(node):
             return None
         needed.append(node)
         pending.extend(node.all_input_nodes)

@@ -18,7 +18,6 @@ moving a read past a write would change what it reads.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,12 +33,9 @@ LATE = True
 DROP_UNUSED = True
 """Pass nothing for cell inputs the template does not read, and drop what computed them."""
 
-_mutates = writes_in_place  # the one definition of "writes in place" (diagpass.passes.template)
-
-
 def has_mutation(nodes: Sequence[torch.fx.Node], cell_of: Mapping[torch.fx.Node, Any]) -> bool:
     """Whether a node outside the cells may write a tensor in place."""
-    return any(node not in cell_of and _mutates(node) for node in nodes)
+    return any(node not in cell_of and writes_in_place(node) for node in nodes)
 
 
 def place_late(
@@ -100,7 +96,7 @@ def erase_unread(graph: torch.fx.Graph, roots: Sequence[torch.fx.Node]) -> int:
         node = pending.pop()
         if node in erased or node.graph is not graph or node.users:
             continue
-        if node.op not in ("call_function", "call_method") or _mutates(node):
+        if node.op not in ("call_function", "call_method") or writes_in_place(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)

@@ -191,6 +191,10 @@ class _Planner:
         self.variants.append(plan)
         return self._variant_index[template_variant]
 
+    def template_of(self, index: int) -> CellTemplate:
+        """The template variant that plan ``index`` was made from."""
+        return self.templates[next(v for v, i in self._variant_index.items() if i == index)]
+
     def _variant_plan(
         self, name: str, key: str, module: torch.fx.GraphModule, kinds: list[Any], template: CellTemplate
     ) -> VariantPlan:
@@ -220,8 +224,7 @@ class _Planner:
     def tail_variant(self, index: int, n: int) -> VariantPlan:
         """Steady variant ``index`` with its int literals at segment length ``n``."""
         base = self.variants[index]
-        template_variant = next(v for v, i in self._variant_index.items() if i == index)
-        template = self.templates[template_variant]
+        template = self.template_of(index)
         # The exemplar must be a steady unit's cell: the literal slots are read off that unit.
         cell = next(c for c in sorted(template.cells, key=lambda c: (c[1], c[0])) if c[1] == 1)
         exemplar = dataclasses.replace(template, exemplar=cell, nodes=self.labels.cells[cell])
@@ -336,8 +339,7 @@ class _Planner:
         if len(set(steady.variants)) != 1:
             return None, None, "not proven: the layers of a steady segment use more than one variant"
         plan = self.variants[steady.variants[0]]
-        template_variant = next(v for v, i in self._variant_index.items() if i == steady.variants[0])
-        cells = self.templates[template_variant].cells
+        cells = self.template_of(steady.variants[0]).cells
         carry = carried_slot(plan.template, plan.slot_kinds, cells, self.bindings, self.labels.cell_of, self.config)
         if carry is None:
             return None, None, "not proven: no output of layer l is the same input of layer l+1 (or the template writes in place)"

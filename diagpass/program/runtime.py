@@ -337,7 +337,7 @@ class _Run:
             if region is not None:
                 region.__enter__()
             for s, phase in phases:
-                env = self.envs.setdefault(s, {})
+                self.envs.setdefault(s, {})
                 unit = self.unit(s)
                 chunk = unit.chunks.get(phase) if phase % 2 == 0 else None
                 if chunk is not None and not (phase == 0 and s in self.early):
