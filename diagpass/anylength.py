@@ -36,9 +36,11 @@ import torch.utils._pytree as pytree
 
 from diagpass.capture import Capture, capture_whole
 from diagpass.config import DiagbatchConfig, parse_options
-from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
+from diagpass.errors import ConfigError, GeneralisationError, InputError, StructureError
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
+from diagpass.passes.segment_outputs import OutputGroups, group_segment_outputs
 from diagpass.report import analyze_graph
+from diagpass.returns import ReturnRecipe
 from diagpass.program import DiagonalProgram, RunStats, plan_program
 
 log = logging.getLogger("diagpass.anylength")
@@ -49,10 +51,6 @@ _SCALARS = (bool, int, float, str, type(None))
 _RUN_HISTORY = 32
 # Module internals, and the mark torch.compile leaves on what it compiled (not a forward's write).
 _NOT_STATE = frozenset({"_parameters", "_buffers", "_modules", "_is_torch_compile"})
-
-
-class GeneralisationError(DiagpassError):
-    """The probe does not prove that the forward generalises to other lengths."""
 
 
 class ProbeError(InputError, GeneralisationError):
@@ -191,6 +189,31 @@ class _Mapping:
     """``attributes -> {(module path, attribute): source of its value after the call}``."""
     writes: dict[tuple[str, str], Hashable] = field(default_factory=dict)
     """The attributes every call writes (changed by any probe), with their sources."""
+    source_of: Any = None
+    """``(value, what) -> source``: where a value of this probe's call came from."""
+    groups: OutputGroups | None = None
+    """Outputs that repeat once per segment, grouped into lists (None: no such outputs)."""
+    recipe: ReturnRecipe | None = None
+    """How to build the return value when its structure follows the number of segments."""
+
+    def regroup(self, outputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """This probe's flat graph outputs, grouped the way the program returns them."""
+        if self.groups is None:
+            return outputs
+        grouped: list[Any] = [[] if i in self.groups.lists else None for i in range(len(outputs))]
+        for value, (i, s) in zip(outputs, self.groups.where):
+            if s is None:
+                grouped[i] = value
+            else:
+                grouped[i].append(value)
+        return tuple(grouped[: max(i for i, _ in self.groups.where) + 1])
+
+    def translate(self, source: Hashable) -> Hashable:
+        """A source over the flat outputs -> over the grouped ones (``("each", list, segment)``)."""
+        if self.groups is None or source[0] != "out":  # type: ignore[index]
+            return source
+        i, s = self.groups.where[source[1]]  # type: ignore[index]
+        return ("out", i) if s is None else ("each", i, s)
 
 
 def _source(value: Any, outputs: tuple[Any, ...], inputs: dict[int, Hashable], what: str) -> Hashable:
@@ -239,7 +262,10 @@ def _map_probe(
             for where in sorted(attributes)
         }
 
-    return _Mapping(keys=keys, returned=(returned, spec), changed=changed, writes_of=writes_of)
+    def source_of(value: Any, what: str) -> Hashable:
+        return _source(value, outputs, inputs, what)
+
+    return _Mapping(keys=keys, returned=(returned, spec), changed=changed, writes_of=writes_of, source_of=source_of)
 
 
 # -- probes ---------------------------------------------------------------------------------------
@@ -368,7 +394,7 @@ class AnyLengthModel(torch.nn.Module):
             inputs = {key: self._input(slot, leaves) for key, slot in zip(self._input_keys, self._input_slots)}
             with torch.no_grad():
                 outputs, record.stats = self.program.run(inputs, segments, last)
-            result = self._write_back(outputs, inputs)
+            result = self._write_back(outputs, inputs, segments)
         record.wall_s = time.perf_counter() - start
         self.report.runs.append(record)
         del self.report.runs[:-_RUN_HISTORY]
@@ -394,8 +420,10 @@ class AnyLengthModel(torch.nn.Module):
             return table[name]
         return getattr(where, name)  # an attribute, or a parameter that is no longer one: its own error
 
-    def _write_back(self, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:
-        _apply_writes(self._modules_by_path, self._mapping.writes, outputs, inputs)
+    def _write_back(self, outputs: tuple[Any, ...], inputs: dict[Hashable, Any], segments: int) -> Any:
+        _apply_writes(self._modules_by_path, self._mapping.writes, outputs, inputs, segments)
+        if self._mapping.recipe is not None:
+            return self._mapping.recipe.build(segments, lambda source: _value_of(source, outputs, inputs))
         sources, spec = self._mapping.returned
         return pytree.tree_unflatten([_value_of(s, outputs, inputs) for s in sources], spec)
 
@@ -454,6 +482,14 @@ def compile(  # noqa: A001 - the public name the issue asks for
         segment, axes = find_length_axes(split, mapping.keys)
     except RerollError as error:
         raise GeneralisationError(f"diagpass.compile: {error}") from error
+    groups = group_segment_outputs(gm.graph, split)
+    if groups.lists:  # the return value has one part per segment (the reference's logits_{i})
+        mapping.groups = groups
+        mapping.recipe = ReturnRecipe.from_probe(
+            captured.returned,
+            analysis.labels.num_segments,
+            lambda value, what: mapping.translate(mapping.source_of(value, what)),
+        )
     length_dims = {key[1]: dim for key, dim in axes.items() if key[0] == "arg"}  # type: ignore[index]
     if not length_dims:
         raise GeneralisationError("diagpass.compile: the segmented input is not an argument of the call")
@@ -487,7 +523,12 @@ def compile(  # noqa: A001 - the public name the issue asks for
     extra_maps: list[_Mapping] = []
     keep_alive: list[Any] = [captured]
     for short in _short_lengths(segment, {last}):
-        cut = [(_cut(leaf, length_dims[i], segment + short) if i in length_dims else leaf) for i, leaf in enumerate(arg_leaves)]
+        # One cut per distinct tensor: `model(ids, labels=ids)` must trace with one input again.
+        cuts: dict[int, Any] = {}
+        cut = [
+            cuts.setdefault(id(leaf), _cut(leaf, length_dims[i], segment + short)) if i in length_dims else leaf
+            for i, leaf in enumerate(arg_leaves)
+        ]
         cut_args, cut_kwargs = pytree.tree_unflatten(cut, arg_spec)
         extra, extra_before = _capture_once(model, tuple(cut_args), dict(cut_kwargs))
         keep_alive.append(extra)
@@ -501,17 +542,28 @@ def compile(  # noqa: A001 - the public name the issue asks for
                 f"{extra_analysis.report.reason}"
             )
         extra_map = _map_probe(model, extra, cut, extra_before)
+        if mapping.groups is not None:
+            extra_split = split_units(extra_gm.graph, extra_analysis.labels)
+            extra_map.groups = group_segment_outputs(extra_gm.graph, extra_split)
+            mapping.recipe.check(  # type: ignore[union-attr]
+                extra.returned,
+                2,
+                lambda value, what, m=extra_map: m.translate(m.source_of(value, what)),
+                f"the cut probe of 2 segments (the last of {short})",
+            )
         extra_maps.append(extra_map)
         probes.append(
             Probe(graph=extra_gm.graph, labels=extra_analysis.labels, keys=extra_map.keys, segment_lengths=[segment, short])
         )
         report.probes.append((2, short))
     written = set(mapping.changed).union(*(m.changed for m in extra_maps))
-    mapping.writes = mapping.writes_of(written)
-    for other in extra_maps:
-        other.writes = other.writes_of(written)
+    for probe_map in [mapping, *extra_maps]:
+        probe_map.writes = {where: probe_map.translate(src) for where, src in probe_map.writes_of(written).items()}
+        if any(src[0] == "each" for src in probe_map.writes.values()):  # type: ignore[index]
+            raise GeneralisationError("diagpass.compile: the forward writes one segment's output (not the last's) to the model")
+    _find_segment_counters(mapping, extra_maps, num_segments)
     for i, other in enumerate(extra_maps, start=1):
-        if other.returned[1] != mapping.returned[1] or other.returned[0] != mapping.returned[0]:
+        if mapping.recipe is None and (other.returned[1] != mapping.returned[1] or other.returned[0] != mapping.returned[0]):
             raise GeneralisationError(
                 f"diagpass.compile: probe {i} returns another structure than the probe: the return value depends "
                 "on the number of segments"
@@ -541,13 +593,13 @@ def compile(  # noqa: A001 - the public name the issue asks for
     report.state_writes = [".".join(filter(None, where)) for where in mapping.writes]
     report.carry = program.carry
     # Restore the state the user's probe call left (the cut probes ran after it).
-    _replay_writes(model, mapping, captured)
+    _replay_writes(model, mapping, captured, num_segments)
     log.info("diagpass.compile: proven in %.2fs:\n%s", time.perf_counter() - started, report)
     for kept in keep_alive:  # Dynamo's cache keeps the recorders alive: drop the probes' outputs
         kept.outputs.clear()
         kept.returned = None
     for probe_map in [mapping, *extra_maps]:
-        probe_map.writes_of = None  # its closure holds the probe's outputs
+        probe_map.writes_of = probe_map.source_of = None  # their closures hold the probe's outputs
     del keep_alive
     return AnyLengthModel(
         model=model,
@@ -559,6 +611,20 @@ def compile(  # noqa: A001 - the public name the issue asks for
         config=config,
         report=report,
     )
+
+
+def _find_segment_counters(mapping: _Mapping, extra_maps: list[_Mapping], num_segments: int) -> None:
+    """Int attributes that count the segments (the reference's ``seg_num``, when it is not reset):
+    ``segments + offset`` after every probe. Their sources become ``("count", offset)``."""
+    if not extra_maps:
+        return
+    for where, source in list(mapping.writes.items()):
+        if source[0] != "const" or type(source[1]) is not int:  # type: ignore[index]
+            continue
+        offset = source[1] - num_segments  # type: ignore[index]
+        if all(m.writes.get(where) == ("const", 2 + offset) for m in extra_maps):
+            for probe_map in [mapping, *extra_maps]:
+                probe_map.writes[where] = ("count", offset)
 
 
 def _describe_write_difference(
@@ -593,9 +659,17 @@ def _describe_source(source: Any) -> str:
     return "an output of the graph" if kind == "out" else "an input of the graph"
 
 
-def _value_of(source: Hashable, outputs: tuple[Any, ...], inputs: dict[Hashable, Any]) -> Any:
-    """The value a mapped source names: a graph output, a graph input (by key), or a constant."""
-    kind, what = source  # type: ignore[misc]
+def _value_of(
+    source: Hashable, outputs: tuple[Any, ...], inputs: dict[Hashable, Any], segments: int | None = None
+) -> Any:
+    """The value a mapped source names: a graph output, one segment's entry of a per-segment
+    output, a graph input (by key), a constant, or a count of the ``segments``."""
+    kind, what = source[:2]  # type: ignore[index]
+    if kind == "count":
+        assert segments is not None
+        return segments + what
+    if kind == "each":
+        return outputs[what][source[2]]  # type: ignore[index]
     if kind == "out":
         return outputs[what]
     if kind == "in":
@@ -608,16 +682,18 @@ def _apply_writes(
     writes: dict[tuple[str, str], Hashable],
     outputs: tuple[Any, ...],
     inputs: dict[Hashable, Any],
+    segments: int,
 ) -> None:
     """Set the module attributes Dynamo's bytecode would have written after the graph ran."""
     for (path, name), source in writes.items():
-        setattr(modules[path], name, _value_of(source, outputs, inputs))
+        setattr(modules[path], name, _value_of(source, outputs, inputs, segments))
 
 
-def _replay_writes(model: torch.nn.Module, mapping: _Mapping, captured: Capture) -> None:
+def _replay_writes(model: torch.nn.Module, mapping: _Mapping, captured: Capture, segments: int) -> None:
     """Leave the state of the user's probe call (the cut probes ran after it)."""
     gm = captured.graph_module
     assert gm is not None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = {mapping.keys[n]: example for n, example in zip(placeholders, captured.example_inputs)}
-    _apply_writes(dict(model.named_modules(remove_duplicate=False)), mapping.writes, captured.outputs[-1], inputs)
+    outputs = mapping.regroup(captured.outputs[-1])
+    _apply_writes(dict(model.named_modules(remove_duplicate=False)), mapping.writes, outputs, inputs, segments)

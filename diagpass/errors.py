@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from diagpass.passes import Violation
 
-__all__ = ["DiagpassError", "ConfigError", "StructureError", "InputError", "through_dynamo"]
+__all__ = ["DiagpassError", "ConfigError", "StructureError", "InputError", "GeneralisationError", "through_dynamo"]
 
 
 class DiagpassError(RuntimeError):
@@ -20,6 +20,10 @@ class ConfigError(DiagpassError, ValueError):
 
 class InputError(DiagpassError, ValueError):
     """An input the program cannot run on (wrong dtype, empty, unexpected shape)."""
+
+
+class GeneralisationError(DiagpassError):
+    """``diagpass.compile``: the probe does not prove that the forward generalises to other lengths."""
 
 
 class StructureError(DiagpassError):

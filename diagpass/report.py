@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ from diagpass.passes import (
     extract_templates,
     label_cells,
 )
+from diagpass.passes.functionalize import FunctionalizeResult, functionalize_local_writes
+
+log = logging.getLogger("diagpass.analyze")
 
 __all__ = ["DependencyReport", "GraphAnalysis", "analyze_graph"]
 
@@ -126,11 +130,16 @@ class GraphAnalysis:
     report: DependencyReport
     labels: CellLabels
     templates: TemplateAnalysis | None
+    writes: FunctionalizeResult
+    """The in-place writes into graph-local values that were made out-of-place first."""
 
 
 def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
     """Run the analysis passes on a captured graph (linear in graph size)."""
     start = time.perf_counter()
+    writes = functionalize_local_writes(gm)
+    if writes.rewritten:
+        log.debug("functionalized %d in-place write(s): %s", len(writes.rewritten), "; ".join(writes.rewritten[:5]))
     graph = gm.graph
     labels = label_cells(graph)
     deps = analyze_dependencies(graph, labels)
@@ -189,4 +198,4 @@ def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
         num_nodes=len(graph.nodes),
     )
     report.analysis_s = time.perf_counter() - start
-    return GraphAnalysis(report=report, labels=labels, templates=templates)
+    return GraphAnalysis(report=report, labels=labels, templates=templates, writes=writes)

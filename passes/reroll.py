@@ -108,6 +108,25 @@ def _pure_key(node: torch.fx.Node, split: UnitSplit) -> Any:
     return key, tuple(literals)
 
 
+def _same_value_key(node: torch.fx.Node, canon: dict[torch.fx.Node, Any]) -> Any:
+    """Equal for two nodes that compute the same value from the same inputs (inputs compared
+    through ``canon``); None for a node that may not be merged."""
+    if node.op not in ("call_function", "call_method") or writes_in_place(node) or draws_random(node):
+        return None
+    literals: list[int] = []
+    try:
+        key = (
+            _target_name(node),
+            _structure(node.args, lambda a: canon.get(a, a), literals),
+            _structure(node.kwargs, lambda a: canon.get(a, a), literals),
+            tuple(literals),
+        )
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def user_code(node: torch.fx.Node) -> str:
     """``node`` as the user wrote it: ``"`code` (file:line)"``, for error messages (the FX
     node's name when no source line is known)."""
@@ -128,16 +147,48 @@ def split_units(graph: torch.fx.Graph, labels: CellLabels) -> UnitSplit:
             continue
         live.add(node)
         stack.extend(node.all_input_nodes)
-    # Earliest and latest segment whose cells a node feeds, for nodes that read no unit.
-    fed: dict[torch.fx.Node, tuple[int, int]] = {}
+    # The one segment a node outside the cells reads (through other such nodes), -1 for several:
+    # the per-segment loss after the layers, `ce_loss_fn(logits_s, labels_s)`, belongs to segment s.
+    # A computation that reads no unit and repeats identically per segment (Gemma's `1 + weight`)
+    # for several segments stays before the loop, where its copies merge: `repeated` marks it.
+    reads: dict[torch.fx.Node, int] = {}
+    canon: dict[torch.fx.Node, Any] = {}
+    copies: dict[Any, int] = {}
+    for node in nodes:
+        if node in cell_of:
+            reads[node] = cell_of[node][1]
+        elif node.op not in ("placeholder", "output"):
+            seen = {reads[i] for i in node.all_input_nodes if i in reads}
+            if seen:
+                reads[node] = seen.pop() if len(seen) == 1 else -1
+            else:
+                key = _same_value_key(node, canon)
+                canon[node] = key if key is not None else node
+                copies[canon[node]] = copies.get(canon[node], 0) + 1
+    # Earliest and latest segment whose cells a node feeds, for nodes that read no unit; and the
+    # same counting one segment's nodes after its cells too: the labels of segment s, cut before
+    # the loop, go with its loss. Repeated computations count the cells only (merged before the loop).
+    fed_cells: dict[torch.fx.Node, tuple[int, int]] = {}
+    fed_any: dict[torch.fx.Node, tuple[int, int]] = {}
     for node in reversed(nodes):
         if node in cell_of:
             seg = cell_of[node][1]
-            fed[node] = (seg, seg)
+            fed_cells[node] = fed_any[node] = (seg, seg)
             continue
-        spans = [fed[u] for u in node.users if u in fed]
-        if spans:
-            fed[node] = (min(a for a, _ in spans), max(b for _, b in spans))
+        if reads.get(node, -1) >= 0:
+            fed_any[node] = (reads[node], reads[node])
+            continue
+        for fed_map in (fed_cells, fed_any):
+            spans = [fed_map[u] for u in node.users if u in fed_map]
+            if spans:
+                fed_map[node] = (min(a for a, _ in spans), max(b for _, b in spans))
+    segments_of: dict[Any, set[int]] = {}
+    for node, key in canon.items():
+        if copies[key] > 1 and node in fed_any:
+            segments_of.setdefault(key, set()).update(range(fed_any[node][0], fed_any[node][1] + 1))
+    repeated = {node for node, key in canon.items() if len(segments_of.get(key, ())) > 1}
+    fed = {node: (fed_cells if node in repeated else fed_any).get(node) for node in nodes}
+    fed = {node: span for node, span in fed.items() if span is not None}
 
     split = UnitSplit(pre=[], units=[[] for _ in range(labels.num_segments)], post=[], output=output)
     post_set: set[torch.fx.Node] = set()

@@ -19,12 +19,16 @@ from tests.reference_style import ReferenceStyleARMT
 from tests.reroll_models import (
     ChunkSegments,
     CountsSegments,
-    TorchSplitSegments,
+    InPlaceMask,
+    InPlaceState,
     LayerZeroBranch,
+    PerSegmentKeys,
     PerSegmentOutputs,
+    RemembersLength,
     SegmentIndexBetweenLayers,
     SegmentIndexInsideLayers,
     SplitSegments,
+    TorchSplitSegments,
 )
 
 EAGER_STEPS = {"compiler": "eager"}
@@ -224,10 +228,9 @@ def test_probe_too_short() -> None:
 @pytest.mark.parametrize(
     "model_class,needle",
     [
-        (PerSegmentOutputs, "depends on the number of segments"),
         (SegmentIndexInsideLayers, "changes with the segment index"),
         (ChunkSegments, "could not find how the input is split"),
-        (CountsSegments, "depends on the input length"),
+        (RemembersLength, "depends on the input length"),
     ],
 )
 def test_refuses_what_does_not_generalise(model_class: type, needle: str) -> None:
@@ -286,7 +289,7 @@ def test_empty_or_short_probe_is_an_input_error_saying_what_to_pass(probe: torch
     "model_class,code,attribute",
     [
         (SegmentIndexInsideLayers, "hidden_states.roll(shift, dims=-1)", None),
-        (CountsSegments, None, "`seen`"),
+        (RemembersLength, None, "`tokens_seen`"),
     ],
 )
 def test_generalisation_errors_name_the_users_code(model_class: type, code: str | None, attribute: str | None) -> None:
@@ -327,3 +330,121 @@ def test_gemma_bases_any_length_exact(base: str) -> None:
     assert_any_length_exact(
         model, segment=8, vocab=model.config.vocab_size, lengths=[8, 16, 56, 264, 61], noise_aware=True
     )
+
+
+# --- issue 14: the reference wrapper's structure, state written in place ----------------------------
+
+
+def _assert_outputs_equal(actual: Any, expected: Any, tol: float = 1e-5) -> None:
+    """Same structure (types, keys in order) and every tensor within ``tol`` relative."""
+    assert type(actual) is type(expected)
+    if isinstance(expected, dict):
+        assert list(actual.keys()) == list(expected.keys())
+        for key in expected:
+            _assert_outputs_equal(actual[key], expected[key], tol)
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_outputs_equal(a, e, tol)
+    elif isinstance(expected, torch.Tensor):
+        assert max_rel_err(actual, expected) <= tol
+    else:
+        assert actual == expected
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_per_segment_keys_any_length_exact(with_labels: bool) -> None:
+    """The reference wrapper's return value: ``logits`` plus ``logits_{i}`` (and ``loss_{i}``) for
+    every segment; its list-comprehension cut; a ``seg_num`` counter per layer."""
+    model = PerSegmentKeys(layers=3, segment_size=4, num_mem_tokens=2)
+    probe = _ids(2, 12)
+    fast = diagpass.compile(model, probe, **({"labels": probe} if with_labels else {}), options=EAGER_STEPS)
+    for length in [4, 8, 28, 132, 30]:
+        ids = _ids(2, length, seed=length)
+        kwargs = {"labels": ids} if with_labels else {}
+        with torch.no_grad():
+            expected = model(ids, **kwargs)
+            expected_state = state_of(model)
+            actual = fast(ids, **kwargs)
+        segments = -(-length // 4)
+        assert sum(key.startswith("logits_") for key in actual) == segments
+        _assert_outputs_equal(actual, expected)
+        assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(state_of(model), expected_state))
+        assert [layer.seg_num for layer in model.layers] == [segments] * 3
+        assert fast.report.runs[-1].path == ("eager" if segments == 1 else "diagonal")
+
+
+def test_per_segment_list_and_segment_counter_generalise() -> None:
+    for model_class in (PerSegmentOutputs, CountsSegments):
+        model = model_class(layers=2, segment_size=4, num_mem_tokens=2)
+        fast = diagpass.compile(model, _ids(1, 12), options=EAGER_STEPS)
+        for length in [9, 28, 30]:
+            ids = _ids(1, length, seed=length)
+            with torch.no_grad():
+                expected = model(ids)
+                seen = getattr(model, "seen", None)
+                actual = fast(ids)
+            _assert_outputs_equal(actual, expected)
+            assert getattr(model, "seen", None) == seen
+            assert fast.report.runs[-1].path == "diagonal"
+
+
+@pytest.mark.parametrize("model_class", [InPlaceState, InPlaceMask])
+def test_state_and_masks_written_in_place_any_length_exact(model_class: type) -> None:
+    """``W_mem.add_``, ``z +=``, ``index_copy_`` into state, and ``masked_fill_`` on a fresh mask:
+    made out-of-place by the functionalize pass, then batched like any other model."""
+    model = model_class(layers=3, segment_size=4, num_mem_tokens=2)
+    counters.clear()
+    fast = diagpass.compile(model, _ids(2, 12), options=EAGER_STEPS)
+    assert counters["diagpass"]["functionalized_writes"] > 0
+    for length in [4, 8, 28, 132, 30]:
+        ids = _ids(2, length, seed=length)
+        with torch.no_grad():
+            expected = model(ids)
+            expected_state = state_of(model) + [getattr(l, "snapshot", torch.zeros(())).clone() for l in model.layers]
+            actual = fast(ids)
+        _assert_outputs_equal(actual, expected)
+        got = state_of(model) + [getattr(l, "snapshot", torch.zeros(())) for l in model.layers]
+        assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(got, expected_state))
+        if length > 8:
+            assert fast.report.runs[-1].path == "diagonal"
+            assert max(fast.report.runs[-1].stats.cells_per_call) >= 2  # batched, not one cell per call
+
+
+def test_in_place_state_under_the_backend_is_batched() -> None:
+    model = InPlaceState(layers=3, segment_size=4, num_mem_tokens=2)
+    ids = _ids(2, 28)
+    with torch.no_grad():
+        expected = model(ids)
+        compiled = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)
+        actual = compiled(ids)
+    record = diagpass.last_compile()
+    assert record.applied and record.path == "diagonal program", record.summary()
+    assert max(len(group.cells) for group in record.program.groups) >= 2  # batched, not one cell per call
+    assert max_rel_err(actual, expected) <= 1e-5
+
+
+def test_writes_into_inputs_or_live_views_stay_in_place() -> None:
+    """The pass only rewrites writes no one else can see: a write into a graph input, or into a
+    tensor a live view also reads, is left alone."""
+    from diagpass.capture import capture_whole
+    from diagpass.passes.functionalize import functionalize_local_writes
+
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x.add_(1)  # a graph input: the caller sees the write
+        t = y * 2
+        view = t[:1]
+        t.mul_(3)  # `view` sees this write
+        fresh = y + 1
+        fresh.add_(y)  # nobody else sees this one
+        return view + fresh + t
+
+    with torch.no_grad():
+        captured = capture_whole(f, (torch.ones(2, 3), torch.ones(2, 3)), {})
+    result = functionalize_local_writes(captured.graph_module)
+    assert len(result.rewritten) == 1 and "add_" in result.rewritten[0]
+    assert any("graph input" in why for why in result.kept) and any("read after the write" in why for why in result.kept)
+    x, y = torch.ones(2, 3), torch.rand(2, 3)
+    expected = f(x.clone(), y)
+    got = captured.graph_module(torch.ones(2, 3), y)
+    assert torch.equal(got[0] if isinstance(got, (tuple, list)) else got, expected)
