@@ -23,6 +23,8 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
     return out.logits if hasattr(out, "logits") else out
 
 

@@ -265,3 +265,33 @@ class RemembersLength(ReferenceStyleARMT):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         self.tokens_seen = input_ids.shape[1] * 2
         return super().forward(input_ids)
+
+
+class _BelowBlock(AssociativeBlock):
+    def forward(self, hidden_states: torch.Tensor, below: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if below is not None:
+            hidden_states = hidden_states + 0.1 * torch.tanh(below.mean(-1))[:, None, None]
+        return super().forward(hidden_states)
+
+
+class ReadsBelowPrevious(ReferenceStyleARMT):
+    """Layer l also reads the memory normaliser of layer l-1 from the previous segment, cell
+    (l-1, s-1): diagonal-safe. Layer 0 reads none, so it is its own variant."""
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        for layer in self.layers:
+            layer.__class__ = _BelowBlock
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self.layers:
+            layer.zero_mem()
+        logits = []
+        for ids in input_ids.split(self.segment_size, dim=1):
+            previous = [layer.z for layer in self.layers]  # [B, d_key] each, None in segment 0
+            x = self.embed(ids)
+            x = torch.cat([x, self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # [B, T+m, d]
+            for index, layer in enumerate(self.layers):
+                x = layer(x, below=previous[index - 1] if index > 0 else None)[0]
+            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
+        return torch.cat(logits, dim=1)

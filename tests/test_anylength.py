@@ -24,6 +24,7 @@ from tests.reroll_models import (
     LayerZeroBranch,
     PerSegmentKeys,
     PerSegmentOutputs,
+    ReadsBelowPrevious,
     RemembersLength,
     SegmentIndexBetweenLayers,
     SegmentIndexInsideLayers,
@@ -448,3 +449,71 @@ def test_writes_into_inputs_or_live_views_stay_in_place() -> None:
     expected = f(x.clone(), y)
     got = captured.graph_module(torch.ones(2, 3), y)
     assert torch.equal(got[0] if isinstance(got, (tuple, list)) else got, expected)
+
+
+_FAMILIES = [
+    ReferenceStyleARMT, PerSegmentKeys, SplitSegments, TorchSplitSegments, InPlaceState, InPlaceMask,
+    LayerZeroBranch, ReadsBelowPrevious, SegmentIndexBetweenLayers,
+]
+
+
+def _max_leaf_err(actual: Any, expected: Any) -> float:
+    if isinstance(expected, dict):
+        assert list(actual.keys()) == list(expected.keys())
+        return max(_max_leaf_err(actual[k], expected[k]) for k in expected)
+    if isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        return max((_max_leaf_err(a, e) for a, e in zip(actual, expected)), default=0.0)
+    if isinstance(expected, torch.Tensor):
+        return max_rel_err(actual, expected)
+    assert actual == expected
+    return 0.0
+
+
+@settings(max_examples=6)
+@given(
+    family=st.sampled_from(_FAMILIES),
+    layers=st.integers(1, 3),
+    mem=st.integers(1, 3),
+    batch=st.integers(1, 2),
+    segments=st.lists(st.integers(1, 9), min_size=1, max_size=2),
+    short_last=st.integers(0, 3),
+)
+def test_property_model_families_any_length(
+    family: type, layers: int, mem: int, batch: int, segments: list[int], short_last: int
+) -> None:
+    """Every structural feature of issue 14, drawn with layers, segments, short tail, batch and
+    memory tokens: outputs (whole structure) and state equal eager within fp32 noise."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = family(layers=layers, segment_size=4, num_mem_tokens=mem)
+    fast = diagpass.compile(model, _ids(batch, 12), options=EAGER_STEPS)
+    for i, count in enumerate(segments):
+        ids = _ids(batch, count * 4 - min(short_last, 3) * (i % 2 == 0), seed=i + 1)
+        bound = max(1e-5, 3 * float64_noise(model, ids))
+        with torch.no_grad():
+            expected = model(ids)
+            expected_state = state_of(model)
+            actual = fast(ids)
+        assert _max_leaf_err(actual, expected) <= bound
+        assert all(max_rel_err(a, b) <= bound for a, b in zip(state_of(model), expected_state))
+        assert fast.report.runs[-1].path == ("eager" if -(-ids.shape[1] // 4) == 1 else "diagonal")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [PerSegmentKeys, InPlaceState, ReadsBelowPrevious, TorchSplitSegments, LayerZeroBranch])
+def test_inductor_model_families_any_length_exact(family: type) -> None:
+    """The same features with the default step compiler (Inductor): one model per point of issue 14."""
+    model = family(layers=3, segment_size=4, num_mem_tokens=2)
+    probe = _ids(2, 12)
+    kwargs = {"labels": probe} if family is PerSegmentKeys else {}
+    fast = diagpass.compile(model, probe, **kwargs)
+    assert fast.config.compiler == "inductor"
+    for length in [28, 30]:
+        ids = _ids(2, length, seed=length)
+        call = {"labels": ids} if kwargs else {}
+        with torch.no_grad():
+            expected = model(ids, **call)
+            actual = fast(ids, **call)
+        assert _max_leaf_err(actual, expected) <= max(1e-5, 3 * float64_noise(model, ids))
+        assert fast.report.runs[-1].path == "diagonal" and max(fast.report.runs[-1].stats.cells_per_call) >= 2
