@@ -517,3 +517,19 @@ def test_inductor_model_families_any_length_exact(family: type) -> None:
             actual = fast(ids, **call)
         assert _max_leaf_err(actual, expected) <= max(1e-5, 3 * float64_noise(model, ids))
         assert fast.report.runs[-1].path == "diagonal" and max(fast.report.runs[-1].stats.cells_per_call) >= 2
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_per_segment_keys_under_the_backend(with_labels: bool) -> None:
+    """The backend runs the reference wrapper's structure as the diagonal program, batched."""
+    model = PerSegmentKeys(layers=3, segment_size=4, num_mem_tokens=2)
+    ids = _ids(2, 30)
+    kwargs = {"labels": ids} if with_labels else {}
+    with torch.no_grad():
+        expected = model(ids, **kwargs)
+        actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)(ids, **kwargs)
+    record = diagpass.last_compile()
+    assert record.applied and record.path == "diagonal program", record.summary()
+    assert max(len(group.cells) for group in record.program.groups) >= 2
+    _assert_outputs_equal(actual, expected)
+    assert [layer.seg_num for layer in model.layers] == [8, 8, 8]
