@@ -36,7 +36,7 @@ import torch.utils._pytree as pytree
 
 from diagpass.capture import Capture, capture_whole
 from diagpass.config import DiagbatchConfig, parse_options
-from diagpass.errors import ConfigError, GeneralisationError, InputError, StructureError
+from diagpass.errors import ConfigError, DiagpassError, GeneralisationError, InputError, StructureError
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
 from diagpass.passes.segment_outputs import OutputGroups, group_segment_outputs
 from diagpass.report import analyze_graph
@@ -301,6 +301,10 @@ def _short_lengths(segment: int, avoid: set[int]) -> list[int]:
     return picks[:2]
 
 
+class _NoShortTail(GeneralisationError):
+    """The forward cuts a short last segment into other segments than ``T`` (or not at all)."""
+
+
 class AnyLengthModel(torch.nn.Module):
     """The module :func:`compile` returns: ``forward`` takes inputs of any length.
 
@@ -522,11 +526,13 @@ def compile(  # noqa: A001 - the public name the issue asks for
     report.probes.append((num_segments, last))
     extra_maps: list[_Mapping] = []
     keep_alive: list[Any] = [captured]
-    for short in _short_lengths(segment, {last}):
+
+    def cut_probe(last_length: int) -> tuple[Probe, _Mapping, Capture]:
+        """Trace the forward on 2 segments, the last of ``last_length``."""
         # One cut per distinct tensor: `model(ids, labels=ids)` must trace with one input again.
         cuts: dict[int, Any] = {}
         cut = [
-            cuts.setdefault(id(leaf), _cut(leaf, length_dims[i], segment + short)) if i in length_dims else leaf
+            cuts.setdefault(id(leaf), _cut(leaf, length_dims[i], segment + last_length)) if i in length_dims else leaf
             for i, leaf in enumerate(arg_leaves)
         ]
         cut_args, cut_kwargs = pytree.tree_unflatten(cut, arg_spec)
@@ -538,24 +544,51 @@ def compile(  # noqa: A001 - the public name the issue asks for
         extra_analysis = analyze_graph(extra_gm)
         if not extra_analysis.report.ok:
             raise GeneralisationError(
-                f"diagpass.compile: with 2 segments (the last of {short}) the structure is not proven: "
+                f"diagpass.compile: with 2 segments (the last of {last_length}) the structure is not proven: "
                 f"{extra_analysis.report.reason}"
             )
         extra_map = _map_probe(model, extra, cut, extra_before)
+        extra_split = split_units(extra_gm.graph, extra_analysis.labels)
+        try:
+            cut_size = find_length_axes(extra_split, extra_map.keys)[0]
+        except RerollError as error:
+            raise _NoShortTail(str(error)) from error
+        if cut_size != segment:  # torch.chunk into ceil(n / T) parts: parts of T only when T divides n
+            raise _NoShortTail(f"{segment + last_length} tokens are cut into segments of {cut_size}, not {segment}")
         if mapping.groups is not None:
-            extra_split = split_units(extra_gm.graph, extra_analysis.labels)
             extra_map.groups = group_segment_outputs(extra_gm.graph, extra_split)
             mapping.recipe.check(  # type: ignore[union-attr]
                 extra.returned,
                 2,
                 lambda value, what, m=extra_map: m.translate(m.source_of(value, what)),
-                f"the cut probe of 2 segments (the last of {short})",
+                f"the cut probe of 2 segments (the last of {last_length})",
             )
+        probe = Probe(graph=extra_gm.graph, labels=extra_analysis.labels, keys=extra_map.keys, segment_lengths=[segment, last_length])
+        return probe, extra_map, extra
+
+    try:
+        cut_probes = [cut_probe(short) for short in _short_lengths(segment, {last})]
+    except (_NoShortTail, GeneralisationError, StructureError) as error:
+        if last != segment:
+            raise
+        # The model cuts no short last segment of T (a view into (S, T), or torch.chunk): prove full
+        # segments only; other lengths run the model itself, with the reason in the report.
+        no_short_tail = f"{error}" if isinstance(error, _NoShortTail) else f"a short last segment is not proven: {error}"
+        log.info("diagpass.compile: %s; proving full segments only", no_short_tail)
+        keep_alive[1:] = []
+        report.trace_s[1:] = []
+        cut_probes = [cut_probe(segment)]
+    except Exception as error:  # noqa: BLE001 - the model's own forward raised on a short last segment
+        if last != segment or isinstance(error, DiagpassError):
+            raise
+        log.info("diagpass.compile: the forward raises on a short last segment (%s); proving full segments only", error)
+        keep_alive[1:] = []
+        report.trace_s[1:] = []
+        cut_probes = [cut_probe(segment)]
+    for probe, extra_map, _ in cut_probes:
         extra_maps.append(extra_map)
-        probes.append(
-            Probe(graph=extra_gm.graph, labels=extra_analysis.labels, keys=extra_map.keys, segment_lengths=[segment, short])
-        )
-        report.probes.append((2, short))
+        probes.append(probe)
+        report.probes.append((2, probe.segment_lengths[-1]))
     written = set(mapping.changed).union(*(m.changed for m in extra_maps))
     for probe_map in [mapping, *extra_maps]:
         probe_map.writes = {where: probe_map.translate(src) for where, src in probe_map.writes_of(written).items()}
@@ -600,7 +633,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         kept.returned = None
     for probe_map in [mapping, *extra_maps]:
         probe_map.writes_of = probe_map.source_of = None  # their closures hold the probe's outputs
-    del keep_alive
+    keep_alive.clear()
     return AnyLengthModel(
         model=model,
         program=program,

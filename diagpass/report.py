@@ -20,6 +20,7 @@ from diagpass.passes import (
     label_cells,
 )
 from diagpass.passes.functionalize import FunctionalizeResult, functionalize_local_writes
+from diagpass.passes.segment_cuts import rewrite_segment_cuts
 
 log = logging.getLogger("diagpass.analyze")
 
@@ -138,6 +139,7 @@ def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
     """Run the analysis passes on a captured graph (linear in graph size)."""
     start = time.perf_counter()
     writes = functionalize_local_writes(gm)
+    rewrite_segment_cuts(gm)
     if writes.rewritten:
         log.debug("functionalized %d in-place write(s): %s", len(writes.rewritten), "; ".join(writes.rewritten[:5]))
     graph = gm.graph

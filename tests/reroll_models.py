@@ -98,8 +98,9 @@ class TorchSplitSegments(ReferenceStyleARMT):
 
 
 class ChunkSegments(ReferenceStyleARMT):
-    """Cuts the input with ``torch.chunk`` into a count of segments: the count is a literal of the
-    computation before the loop that changes with the length (not generalised yet)."""
+    """Cuts the input with ``torch.chunk`` into ``ceil(n / T)`` parts, as the reference's
+    ``segment_alignment='center'`` does: parts of ``T`` when ``T`` divides ``n`` (generalised for
+    full segments), other sizes otherwise (the model itself runs)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self.layers:
@@ -295,3 +296,14 @@ class ReadsBelowPrevious(ReferenceStyleARMT):
                 x = layer(x, below=previous[index - 1] if index > 0 else None)[0]
             logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
         return torch.cat(logits, dim=1)
+
+
+class UnbindSegments(ReferenceStyleARMT):
+    """Cuts the input with ``unbind`` of a view into ``(S, T)``: full segments only (the view
+    exists only when ``T`` divides the length)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self.layers:
+            layer.zero_mem()
+        segments = input_ids.view(input_ids.shape[0], -1, self.segment_size).unbind(1)
+        return torch.cat([_segment(self, ids, lambda layer, x: layer(x)[0]) for ids in segments], dim=1)

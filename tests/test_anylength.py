@@ -30,6 +30,7 @@ from tests.reroll_models import (
     SegmentIndexInsideLayers,
     SplitSegments,
     TorchSplitSegments,
+    UnbindSegments,
 )
 
 EAGER_STEPS = {"compiler": "eager"}
@@ -230,7 +231,6 @@ def test_probe_too_short() -> None:
     "model_class,needle",
     [
         (SegmentIndexInsideLayers, "changes with the segment index"),
-        (ChunkSegments, "could not find how the input is split"),
         (RemembersLength, "depends on the input length"),
     ],
 )
@@ -533,3 +533,30 @@ def test_per_segment_keys_under_the_backend(with_labels: bool) -> None:
     assert max(len(group.cells) for group in record.program.groups) >= 2
     _assert_outputs_equal(actual, expected)
     assert [layer.seg_num for layer in model.layers] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("model_class", [ChunkSegments, UnbindSegments])
+def test_inputs_cut_by_chunk_or_unbind_full_segments(model_class: type) -> None:
+    """``torch.chunk`` into ``ceil(n / T)`` parts and ``unbind`` of a view into ``(S, T)`` cut
+    segments of ``T`` only when ``T`` divides ``n``: proven for full segments; any other length
+    runs the model itself, with the reason in the report."""
+    model = model_class(layers=3, segment_size=4, num_mem_tokens=2)
+    counters.clear()
+    fast = diagpass.compile(model, _ids(2, 12), options=EAGER_STEPS)
+    assert counters["diagpass"]["segment_cuts_rewritten"] > 0
+    assert not fast.report.short_tail and "full last segments only" in str(fast.report)
+    for length in [4, 8, 28, 132]:
+        ids = _ids(2, length, seed=length)
+        with torch.no_grad():
+            expected = model(ids)
+            actual = fast(ids)
+        assert max_rel_err(actual, expected) <= max(1e-5, 3 * float64_noise(model, ids))
+        assert fast.report.runs[-1].path == ("eager" if length == 4 else "diagonal")
+    if model_class is ChunkSegments:  # 30 tokens: chunks of 4 (7 of them) and 2, by the model itself
+        with torch.no_grad():
+            assert max_rel_err(fast(_ids(2, 30)), model(_ids(2, 30))) == 0
+        assert "short last segment" in fast.report.runs[-1].reason
+    with torch.no_grad():
+        expected = model(_ids(2, 28))
+        actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS, dynamic=False)(_ids(2, 28))
+    assert diagpass.last_compile().path == "diagonal program" and max_rel_err(actual, expected) <= 1e-5
