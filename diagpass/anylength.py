@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -40,6 +40,9 @@ from diagpass.errors import ConfigError, DiagpassError, InputError, StructureErr
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
 from diagpass.report import analyze_graph
 from diagpass.program import DiagonalProgram, RunStats, plan_program
+
+if TYPE_CHECKING:
+    from diagpass.generate import GenerateRecord
 
 log = logging.getLogger("diagpass.anylength")
 
@@ -109,6 +112,8 @@ class RerollReport:
     """``(slot, output)``: the steady template's output that the next step reads one lane up,
     in place (``carry_lanes``: the hidden states); ``None`` when off or not proven."""
     runs: list[RunRecord] = field(default_factory=list)
+    generations: list[GenerateRecord] = field(default_factory=list)
+    """The ``generate`` calls (:mod:`diagpass.generate`)."""
 
     def __str__(self) -> str:
         probes = ", ".join(f"{s} segments (last {n})" for s, n in self.probes)
@@ -130,6 +135,7 @@ class RerollReport:
                 f"{run.wall_s:.3f}s" + (f", compiled {run.stats.compile_s:.2f}s" if run.stats and run.stats.compile_s else "")
                 + (f", CUDA graph: {run.stats.graph}" if run.stats and run.stats.graph != "off" else "")
             )
+        lines.extend(f"  {record}" for record in self.generations[-5:])
         return "\n".join(lines)
 
 
@@ -294,12 +300,17 @@ class AnyLengthModel(torch.nn.Module):
         length_dims: dict[int, int],
         config: DiagbatchConfig,
         report: RerollReport,
+        options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.program = program
         self.config = config
+        self.options = dict(options or {})
+        """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
         self.report = report
+        self._prefill_programs: dict[Hashable, Any] = {}
+        """``generate``'s compiled segment loops (or why one is not proven), by what they specialise on."""
         self._mapping = mapping
         self._arg_spec = arg_spec
         self._arg_examples = arg_examples
@@ -373,6 +384,14 @@ class AnyLengthModel(torch.nn.Module):
         self.report.runs.append(record)
         del self.report.runs[:-_RUN_HISTORY]
         return result
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``generate(*args, **kwargs)``, same arguments and same result, with the
+        prompt's segments before the last run on a diagonal program (:mod:`diagpass.generate`).
+        Where that does not apply, the model's own ``generate`` runs and ``report`` says why."""
+        from diagpass.generate import generate
+
+        return generate(self, *args, **kwargs)
 
     def _slot_of(self, key: Hashable) -> tuple[str, Any, Any]:
         """``("arg", index, None)``, or ``(kind, module, name)`` for a parameter, buffer or attribute."""
@@ -558,6 +577,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         length_dims=length_dims,
         config=config,
         report=report,
+        options=options,
     )
 
 
