@@ -253,7 +253,7 @@ def test_smollm2_fast_generate_greedy_tokens_equal_at_1_4_and_9_segments() -> No
             "The first keeper was a retired sailor who had lost two fingers to a frozen rope.",
             "Every evening at sunset he climbed the steps to light the lamp and wrote the weather in a book.",
         ]
-        * 3
+        * 4
     )
     ids = tokenizer(text, return_tensors="pt").input_ids
     assert ids.shape[1] >= 9 * segment
