@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -42,6 +42,9 @@ from diagpass.passes.segment_outputs import OutputGroups, group_segment_outputs
 from diagpass.report import analyze_graph
 from diagpass.returns import ReturnRecipe
 from diagpass.program import DiagonalProgram, RunStats, plan_program
+
+if TYPE_CHECKING:
+    from diagpass.generate import GenerateRecord
 
 log = logging.getLogger("diagpass.anylength")
 
@@ -107,6 +110,8 @@ class RerollReport:
     """``(slot, output)``: the steady template's output that the next step reads one lane up,
     in place (``carry_lanes``: the hidden states); ``None`` when off or not proven."""
     runs: list[RunRecord] = field(default_factory=list)
+    generations: list[GenerateRecord] = field(default_factory=list)
+    """The ``generate`` calls (:mod:`diagpass.generate`)."""
 
     def __str__(self) -> str:
         probes = ", ".join(f"{s} segments (last {n})" for s, n in self.probes)
@@ -128,6 +133,7 @@ class RerollReport:
                 f"{run.wall_s:.3f}s" + (f", compiled {run.stats.compile_s:.2f}s" if run.stats and run.stats.compile_s else "")
                 + (f", CUDA graph: {run.stats.graph}" if run.stats and run.stats.graph != "off" else "")
             )
+        lines.extend(f"  {record}" for record in self.generations[-5:])
         return "\n".join(lines)
 
 
@@ -324,12 +330,17 @@ class AnyLengthModel(torch.nn.Module):
         length_dims: dict[int, int],
         config: DiagbatchConfig,
         report: RerollReport,
+        options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.program = program
         self.config = config
+        self.options = dict(options or {})
+        """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
         self.report = report
+        self._prefill_programs: dict[Hashable, Any] = {}
+        """``generate``'s compiled segment loops (or why one is not proven), by what they specialise on."""
         self._mapping = mapping
         self._arg_spec = arg_spec
         self._arg_examples = arg_examples
@@ -403,6 +414,14 @@ class AnyLengthModel(torch.nn.Module):
         self.report.runs.append(record)
         del self.report.runs[:-_RUN_HISTORY]
         return result
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``generate(*args, **kwargs)``, same arguments and same result, with the
+        prompt's segments before the last run on a diagonal program (:mod:`diagpass.generate`).
+        Where that does not apply, the model's own ``generate`` runs and ``report`` says why."""
+        from diagpass.generate import generate
+
+        return generate(self, *args, **kwargs)
 
     def _slot_of(self, key: Hashable) -> tuple[str, Any, Any]:
         """``("arg", index, None)``, or ``(kind, module, name)`` for a parameter, buffer or attribute."""
@@ -643,6 +662,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         length_dims=length_dims,
         config=config,
         report=report,
+        options=options,
     )
 
 

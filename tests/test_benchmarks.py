@@ -32,6 +32,27 @@ def test_prefill_tiny_cpu_smoke(tmp_path: Path) -> None:
         assert {"full", "eager", "layers", "model", "ablation"} <= set(row)
 
 
+@pytest.mark.slow
+def test_generate_tiny_cpu_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "generate.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--tiny", "--device", "cpu", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generation after a long prompt" in proc.stdout
+    data = json.loads(out.read_text())
+    assert [row["tokens"] for row in data["rows"]] == [48, 96]
+    for row in data["rows"]:
+        assert row["tokens_identical"] is True
+        assert row["diagpass"]["path"] == "diagonal" and row["diagpass"]["prefill_segments"] == row["segments"] - 1
+        assert {"own", "full"} <= set(row)
+        assert all(row[p]["ttft_s"] > 0 and row[p]["total_s"] > 0 for p in ("diagpass", "own", "full"))
+
+
 def test_timeline_charges_each_idle_gap_to_the_time_that_launched_the_next_kernel(tmp_path: Path) -> None:
     """benchmarks/timeline.py on a made-up trace: 2 layers, 3 segments (diagonals 0-3)."""
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -92,6 +92,26 @@ class SegmentedMemoryLM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
 
+    def _segment_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base model's ``inputs_embeds`` [B, t+m, d] (or [B, m+t+m, d]) and mask of tokens ``start:end``."""
+        batch = input_ids.shape[0]
+        m = self.num_mem_tokens
+        lead = m if self.read_memory else 0  # memory rows before the text
+        seg_embeds = self.model.get_input_embeddings()(input_ids[:, start:end])  # [B, t, d]
+        if m > 0:
+            memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(seg_embeds.dtype)  # [B, m, d]
+            if self.read_memory:
+                seg_embeds = torch.cat([memory, seg_embeds, memory], dim=1)  # [B, m+t+m, d]
+            else:
+                seg_embeds = torch.cat([seg_embeds, memory], dim=1)  # [B, t+m, d]
+        seg_mask = None
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(batch, m)  # [B, m]
+            seg_mask = torch.cat([ones[:, :lead], attention_mask[:, start:end], ones], dim=1)  # like embeds
+        return seg_embeds, seg_mask
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -107,27 +127,15 @@ class SegmentedMemoryLM(nn.Module):
         """
         check_input_ids(input_ids)
         self.reset_memory()
-        batch, n_tokens = input_ids.shape
-        embed = self.model.get_input_embeddings()
-        m = self.num_mem_tokens
-        lead = m if self.read_memory else 0  # memory rows before the text
+        n_tokens = input_ids.shape[1]
+        lead = self.num_mem_tokens if self.read_memory else 0  # memory rows before the text
 
         all_logits = []
         all_hidden = []
         for start in range(0, n_tokens, self.segment_size):
             end = min(start + self.segment_size, n_tokens)
             n_text = end - start
-            seg_embeds = embed(input_ids[:, start:end])  # [B, t, d]
-            if m > 0:
-                memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(seg_embeds.dtype)  # [B, m, d]
-                if self.read_memory:
-                    seg_embeds = torch.cat([memory, seg_embeds, memory], dim=1)  # [B, m+t+m, d]
-                else:
-                    seg_embeds = torch.cat([seg_embeds, memory], dim=1)  # [B, t+m, d]
-            seg_mask = None
-            if attention_mask is not None:
-                ones = attention_mask.new_ones(batch, m)  # [B, m]
-                seg_mask = torch.cat([ones[:, :lead], attention_mask[:, start:end], ones], dim=1)  # like embeds
+            seg_embeds, seg_mask = self._segment_inputs(input_ids, attention_mask, start, end)
             out = self.model(
                 inputs_embeds=seg_embeds,
                 attention_mask=seg_mask,
@@ -145,3 +153,55 @@ class SegmentedMemoryLM(nn.Module):
             hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*all_hidden))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any
+    ) -> Any:
+        """Read a prompt of any length, then decode with the base model's Hugging Face ``generate``.
+
+        The reference semantics (DESIGN.md §8.2): the memory is reset; every segment of the prompt
+        but the last (the last may be full) runs through the model with memory read and written;
+        then the last segment, without memory tokens, is the prompt of the base model's own
+        ``generate`` (with its KV cache, positions restarting at 0), while every layer reads the
+        memory and never writes it. Returns what HF ``generate`` returns for ``inputs_embeds``: the
+        new tokens only. ``generate_kwargs`` (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_p``, ``eos_token_id``, ``pad_token_id``...) go to HF ``generate`` unchanged. The
+        memory is reset again at the end.
+        """
+        check_input_ids(input_ids)
+        self._check_can_generate()
+        n_tokens = input_ids.shape[1]
+        prefill_end = ((n_tokens - 1) // self.segment_size) * self.segment_size  # >= 1 token left to decode from
+        self.reset_memory()
+        try:
+            for start in range(0, prefill_end, self.segment_size):
+                seg_embeds, seg_mask = self._segment_inputs(input_ids, attention_mask, start, start + self.segment_size)
+                # The per-segment call diagpass.compile's fast.generate collects (one module call per segment).
+                self.model(inputs_embeds=seg_embeds, attention_mask=seg_mask, use_cache=False)
+            last_embeds = self.model.get_input_embeddings()(input_ids[:, prefill_end:])  # [B, t, d], no memory rows
+            last_mask = None if attention_mask is None else attention_mask[:, prefill_end:]  # [B, t]
+            self._set_read_only(True)
+            return self.model.generate(inputs_embeds=last_embeds, attention_mask=last_mask, **generate_kwargs)
+        finally:
+            self._set_read_only(False)
+            self.reset_memory()
+
+    def _check_can_generate(self) -> None:
+        """``NotImplementedError`` unless every layer has a read-only mode and memory sits only at the end."""
+        if self.read_memory:
+            raise NotImplementedError(
+                f"{type(self).__name__}.generate: memory tokens read at the start of a segment would have to sit in "
+                "the decoder's KV cache; only end-of-segment memory (ARMT, linear memory) generates"
+            )
+        missing = [i for i, layer in enumerate(self.layers) if not hasattr(layer, "read_only")]
+        if missing:
+            raise NotImplementedError(
+                f"{type(self).__name__}.generate: layers {missing} have no read-only mode (read the memory, never write)"
+            )
+
+    def _set_read_only(self, on: bool) -> None:
+        for layer in self.layers:
+            if hasattr(layer, "read_only"):
+                layer.read_only = on

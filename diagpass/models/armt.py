@@ -32,7 +32,8 @@ class AssociativeLayer(nn.Module):
     """A decoder layer plus ARMT's associative memory (read before the layer, write after it).
 
     State (plain attributes, reassigned every segment): ``W_mem`` [B, d_key, d], ``z`` [B, d_key] and the
-    bool ``first_seg``. ``d_key = 2 * nu * d_mem``.
+    bool ``first_seg``. ``d_key = 2 * nu * d_mem``. With ``read_only`` set (generation, as the reference's
+    ``generate_mode``) the layer reads the memory but never writes it.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class AssociativeLayer(nn.Module):
         nn.init.zeros_(self.W_mv.weight)
 
         copy_layer_attributes(self, layer)
+        self.read_only = False
         self.reset_memory()
 
     def reset_memory(self) -> None:
@@ -104,6 +106,8 @@ class AssociativeLayer(nn.Module):
         if not self.first_seg:
             hidden_states = hidden_states + self.associate(hidden_states)  # [B, T+m, d]
         out = self.layer(hidden_states, *args, **kwargs)
+        if self.read_only:  # decoding: the rows are text tokens, not memory tokens
+            return out
         layer_out = layer_hidden_states(out)  # [B, T+m, d]
         self.update_mem(layer_out[:, -self.num_mem_tokens :])  # [B, m, d]
         self.first_seg = False

