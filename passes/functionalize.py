@@ -13,8 +13,7 @@ is left alone (and later passes refuse it, with its line) when the written tenso
 - is a graph input or a module attribute read with ``get_attr`` (the caller would see the write);
 - shares its storage with another value (a view, ``.contiguous()`` returning itself...) that is
   still read after the write, or with a graph input;
-- has no out-of-place twin (``x[i] = v``, ``copy_``, ``zero_``), or the twin's result would have
-  another shape (broadcasting into ``x``).
+- has no out-of-place twin (``copy_``, ``zero_``; ``x[i] = v`` becomes a write into a copy).
 
 Pure: it edits the graph it is given and returns what it did; counters let tests assert it fired.
 """
@@ -32,7 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .template import node_value, writes_in_place
 
-__all__ = ["FunctionalizeResult", "functionalize_local_writes"]
+__all__ = ["FunctionalizeResult", "functionalize_local_writes", "setitem_out_of_place"]
 
 _OPERATOR_TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     operator.iadd: operator.add,
@@ -75,9 +74,18 @@ def _storage(value: Any) -> StorageWeakRef | None:
         return None
 
 
+def setitem_out_of_place(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``tensor[index] = value`` on a copy: the out-of-place form of ``operator.setitem``."""
+    out = tensor.clone()
+    out[index] = value
+    return out
+
+
 def _twin(node: torch.fx.Node) -> tuple[str, Any] | None:
     """The out-of-place form of an in-place node: ``(op, target)``, or None."""
     target = node.target
+    if node.op == "call_function" and target is operator.setitem:
+        return "call_function", setitem_out_of_place
     if node.op == "call_function" and target in _OPERATOR_TWINS:
         return "call_function", _OPERATOR_TWINS[target]
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
@@ -182,12 +190,12 @@ def functionalize_local_writes(gm: torch.fx.GraphModule) -> FunctionalizeResult:
         with graph.inserting_before(node):
             pure = graph.create_node(twin[0], twin[1], node.args, dict(node.kwargs), name=f"{node.name}_functional")
             pure.meta.update(node.meta)
-            pure.meta["example_value"] = new_value if new_value is not None else node_value(node)
+            pure.meta["example_value"] = new_value if new_value is not None else old
             made = [pure]
             if new_value is None or new_value.dtype != old.dtype:
                 cast = graph.call_method("to", (pure, old.dtype))
                 cast.meta.update(node.meta)
-                cast.meta["example_value"] = node_value(node)
+                cast.meta["example_value"] = old
                 made.append(cast)
                 pure = cast
         for new in made:
@@ -197,7 +205,8 @@ def functionalize_local_writes(gm: torch.fx.GraphModule) -> FunctionalizeResult:
         for user in [u for u in written.users if order.get(u, -1) > order[node]]:
             user.replace_input_with(written, pure)
         node.replace_all_uses_with(pure)
-        families[key].remove(node)
+        if node in families[key]:  # x[i] = v returns None: no value of its own
+            families[key].remove(node)
         families[key].append(pure)
         family_of[pure] = key
         graph.erase_node(node)
