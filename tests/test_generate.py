@@ -202,6 +202,30 @@ def test_a_generate_that_uses_segment_outputs_runs_its_own() -> None:
     assert all(not layer.generate_mode for layer in model.memory_cell.layers)
 
 
+class _ChangesStateBetweenCalls(RecurrentWrapper):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        self.memory_cell.zero_mem()
+        segmented = self.segment(input_ids=input_ids)
+        for index, segment in enumerate(segmented[:-1]):
+            self.memory_cell.layers[0].scale_hint = index  # state the next segment call could read
+            self.memory_cell(**segment, zero_mem=False)
+        out = self.memory_cell.generate(**segmented[-1], attention_mask=None, zero_mem=False, **kwargs)
+        self.memory_cell.zero_mem()
+        return out
+
+
+def test_a_generate_that_changes_state_between_segment_calls_runs_its_own() -> None:
+    model = reference_style_armt()
+    model.__class__ = _ChangesStateBetweenCalls
+    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+    ids = _ids(1, 4 * 8 + 1)
+    want = model.generate(ids, max_new_tokens=3, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "changes the model's state" in (record.reason or ""), record
+
+
 def test_fast_generate_needs_a_generate() -> None:
     from tests.reference_style import ReferenceStyleARMT
 
