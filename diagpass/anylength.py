@@ -24,6 +24,7 @@ naming the node and source line.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -79,6 +80,8 @@ class RunRecord:
     reason: str | None = None
     """Why the eager path ran."""
     stats: RunStats | None = None
+    autograd: bool = False
+    """The diagonal program ran with autograd on (its training program: see :func:`compile`)."""
     wall_s: float = 0.0
     """Host time of the call (GPU work may still be running)."""
 
@@ -331,10 +334,13 @@ class AnyLengthModel(torch.nn.Module):
         config: DiagbatchConfig,
         report: RerollReport,
         options: dict[str, Any] | None = None,
+        training: DiagonalProgram | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.program = program
+        self.training_program = training
+        """The same plan for runs with autograd on (:func:`_training_config`); None: those run eagerly."""
         self.config = config
         self.options = dict(options or {})
         """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
@@ -397,8 +403,8 @@ class AnyLengthModel(torch.nn.Module):
         reason = None
         if segments < 2:
             reason = "a single segment: nothing to batch across"
-        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()):
-            reason = "autograd is on: the rerolled program is inference-only (use torch.no_grad())"
+        elif self.training_program is None and self._autograd_on():
+            reason = "autograd is on and no training program was built"
         elif last != self.program.segment_size and not self.program.plan.short_tail:
             reason = "a short last segment was not proven for this model"
         if reason is not None:
@@ -407,13 +413,21 @@ class AnyLengthModel(torch.nn.Module):
             result = self.model(*args, **kwargs)
         else:
             inputs = {key: self._input(slot, leaves) for key, slot in zip(self._input_keys, self._input_slots)}
-            with torch.no_grad():
-                outputs, record.stats = self.program.run(inputs, segments, last)
+            if self._autograd_on():  # backward runs through the same batched steps, reversed
+                assert self.training_program is not None
+                record.autograd = True
+                outputs, record.stats = self.training_program.run(inputs, segments, last)
+            else:
+                with torch.no_grad():
+                    outputs, record.stats = self.program.run(inputs, segments, last)
             result = self._write_back(outputs, inputs, segments)
         record.wall_s = time.perf_counter() - start
         self.report.runs.append(record)
         del self.report.runs[:-_RUN_HISTORY]
         return result
+
+    def _autograd_on(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own ``generate(*args, **kwargs)``, same arguments and same result, with the
@@ -633,6 +647,11 @@ def compile(  # noqa: A001 - the public name the issue asks for
             proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=config
         )
         program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
+        train_config = _training_config(config)
+        train_plan = plan_program(
+            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
+        )
+        training = DiagonalProgram(train_plan, config=train_config, compiler=step_compiler, name="diagpass.compile training program")
     except RerollError as error:
         raise GeneralisationError(f"diagpass.compile: {error}") from error
     report.prove_s = time.perf_counter() - prove_start + verdict.analysis_s
@@ -663,6 +682,18 @@ def compile(  # noqa: A001 - the public name the issue asks for
         config=config,
         report=report,
         options=options,
+        training=training,
+    )
+
+
+def _training_config(config: DiagbatchConfig) -> DiagbatchConfig:
+    """The config of the program that runs with autograd on. Carried lanes and lane views write
+    and read activations in place in shared buffers, which autograd cannot follow (measured: wrong
+    gradients, not an error), so they are off; steps run as batched eager ops (``vmap`` of the
+    template, whose backward is batched the same way: the reverse diagonals), not Inductor."""
+    return dataclasses.replace(
+        config, compiler="eager", lane_views=False, carry_lanes=False, cudagraph_program=False, cudagraphs=False,
+        cudagraph_lanes=0,
     )
 
 

@@ -40,6 +40,35 @@ def _sdpa_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
+def _sdpa_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.options = (dropout_p, is_causal, scale, enable_gqa)
+
+
+def _sdpa_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    """Recompute the attention differentiably and take its vector-Jacobian product (attention is
+    cheap to recompute; this keeps the forward the fused kernel, as flash attention's backward does)."""
+    query, key, value, attn_mask = ctx.saved_tensors
+    dropout_p, is_causal, scale, enable_gqa = ctx.options
+    with torch.enable_grad():
+        leaves = [
+            None if t is None else t.detach().requires_grad_(t.is_floating_point())
+            for t in (query, key, value, attn_mask)
+        ]
+        out = F.scaled_dot_product_attention(
+            leaves[0], leaves[1], leaves[2], attn_mask=leaves[3], dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+        needs = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        grads = iter(torch.autograd.grad(out, needs, grad, allow_unused=True))
+    result = [next(grads) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
+    return (*result, None, None, None, None)
+
+
+_sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
 def _fold(x: torch.Tensor | None, dim: int | None, size: int) -> torch.Tensor | None:
     """Move the vmapped dim to the front and fold it into the next (batch) dim."""
     if x is None:

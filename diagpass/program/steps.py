@@ -90,6 +90,10 @@ class WeightStacks(torch.nn.Module):
         return sum(s.numel() * s.element_size() for s in self._stacks if s is not None)
 
     def forward(self, *members: torch.Tensor) -> list[torch.Tensor]:
+        if torch.is_grad_enabled() and any(m.requires_grad for m in members if isinstance(m, torch.Tensor)):
+            # Training: stack in the autograd graph at every call (the stack's backward hands each
+            # layer its slice of the gradient); a cached copy would cut the weights off.
+            return [torch.stack([members[j] for j in layout]) for layout in self.layouts]  # [L, ...]
         for i, layout in enumerate(self.layouts):
             tensors = [members[j] for j in layout]
             stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)

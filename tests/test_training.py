@@ -1,0 +1,110 @@
+"""Autograd through ``diagpass.compile``'s diagonal program (issue "Training through the diagonal
+schedule", first part): the loss and every gradient equal the sequential eager model's."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diagpass
+from diagpass import models
+from tests.helpers import logits_of, max_rel_err
+from tests.reference_style import ReferenceStyleARMT
+from tests.reroll_models import PerSegmentKeys
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if isinstance(out, dict) and out.get("loss") is not None:
+        return out["loss"]
+    return logits_of(out).float().square().mean()
+
+
+def _grads(model: torch.nn.Module, call: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = _loss(call())
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_gradients_match(model: torch.nn.Module, ids: torch.Tensor, probe: torch.Tensor, **kwargs: Any) -> diagpass.AnyLengthModel:
+    """Loss and gradients of the diagonal program against eager, within 1e-5 relative or three
+    times eager fp32's own distance from fp64 (a random ARMT amplifies rounding)."""
+    fast = diagpass.compile(model, probe, **({"labels": probe} if kwargs else {}), options={"compiler": "eager"})
+    call_kwargs = {"labels": ids} if kwargs else {}
+    loss, grads = _grads(model, lambda: fast(ids, **call_kwargs))
+    run = fast.report.runs[-1]
+    assert run.path == "diagonal" and run.autograd, run
+    want_loss, want = _grads(model, lambda: model(ids, **call_kwargs))
+    for module in model.modules():  # the state the runs left has autograd history: drop it to copy
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+    model64 = copy.deepcopy(model).double()
+    _, grads64 = _grads(model64, lambda: model64(ids, **call_kwargs))
+    assert grads.keys() == want.keys() and grads
+    for name in want:
+        bound = max(1e-5, 3 * max_rel_err(want[name], grads64[name].float()))
+        assert max_rel_err(grads[name], want[name]) <= bound, name
+    assert max_rel_err(loss, want_loss) <= 1e-5
+    return fast
+
+
+def test_reference_style_gradients_match_eager() -> None:
+    model = ReferenceStyleARMT(layers=3, segment_size=4, num_mem_tokens=2)
+    assert_gradients_match(model, _ids(2, 30, 64, seed=1), _ids(2, 12, 64))
+
+
+def test_zoo_armt_gradients_match_eager_and_a_frozen_base() -> None:
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
+    vocab = model.config.vocab_size
+    assert_gradients_match(model, _ids(2, 61, vocab, seed=1), _ids(2, 24, vocab))
+    for name, param in model.named_parameters():  # frozen base, trainable memory
+        param.requires_grad_("W_m" in name or name == "memory")
+    torch._dynamo.reset()
+    fast = assert_gradients_match(model, _ids(2, 61, vocab, seed=2), _ids(2, 24, vocab))
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert fast.training_program is not None and not fast.training_program.config.lane_views
+
+
+def test_per_segment_loss_gradients_match() -> None:
+    """The reference wrapper's structure: the loss over all segments' logits, returned with the
+    per-segment keys; ``loss.backward()`` through the diagonal program."""
+    model = PerSegmentKeys(layers=2, segment_size=4, num_mem_tokens=2)
+    assert_gradients_match(model, _ids(2, 30, 64, seed=3), _ids(2, 12, 64), labels=True)
+
+
+def test_no_grad_still_runs_the_inference_program() -> None:
+    model = ReferenceStyleARMT(layers=2, segment_size=4, num_mem_tokens=2)
+    fast = diagpass.compile(model, _ids(1, 12, 64), options={"compiler": "eager"})
+    with torch.no_grad():
+        fast(_ids(1, 20, 64))
+    assert not fast.report.runs[-1].autograd
+    fast(_ids(1, 20, 64))
+    assert fast.report.runs[-1].autograd
+
+
+@settings(max_examples=4)
+@given(
+    layers=st.integers(1, 3),
+    segments=st.integers(2, 6),
+    short_last=st.integers(0, 3),
+    batch=st.integers(1, 2),
+    trains=st.sampled_from(["all", "memory", "layers"]),
+)
+def test_property_gradients_match(layers: int, segments: int, short_last: int, batch: int, trains: str) -> None:
+    torch._dynamo.reset()
+    model = ReferenceStyleARMT(layers=layers, segment_size=4, num_mem_tokens=2)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trains == "all" or (trains == "memory") == ("W_m" in name or name == "memory"))
+    if not any(p.requires_grad for p in model.parameters()):
+        pytest.skip("nothing trains")
+    assert_gradients_match(model, _ids(batch, segments * 4 - short_last, 64, seed=segments), _ids(batch, 12, 64))
