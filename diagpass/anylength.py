@@ -24,7 +24,6 @@ naming the node and source line.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from diagpass.capture import Capture, capture_whole
-from diagpass.config import DiagbatchConfig, parse_options
+from diagpass.config import DiagbatchConfig, parse_options, training_config
 from diagpass.errors import ConfigError, DiagpassError, GeneralisationError, InputError, StructureError
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
 from diagpass.passes.segment_outputs import OutputGroups, group_segment_outputs
@@ -340,7 +339,7 @@ class AnyLengthModel(torch.nn.Module):
         self.model = model
         self.program = program
         self.training_program = training
-        """The same plan for runs with autograd on (:func:`_training_config`); None: those run eagerly."""
+        """The same plan for runs with autograd on (:func:`diagpass.config.training_config`); None: those run eagerly."""
         self.config = config
         self.options = dict(options or {})
         """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
@@ -647,7 +646,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
             proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=config
         )
         program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
-        train_config = _training_config(config)
+        train_config = training_config(config)
         train_plan = plan_program(
             proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
         )
@@ -683,17 +682,6 @@ def compile(  # noqa: A001 - the public name the issue asks for
         report=report,
         options=options,
         training=training,
-    )
-
-
-def _training_config(config: DiagbatchConfig) -> DiagbatchConfig:
-    """The config of the program that runs with autograd on. Carried lanes and lane views write
-    and read activations in place in shared buffers, which autograd cannot follow (measured: wrong
-    gradients, not an error), so they are off; steps run as batched eager ops (``vmap`` of the
-    template, whose backward is batched the same way: the reverse diagonals), not Inductor."""
-    return dataclasses.replace(
-        config, compiler="eager", lane_views=False, carry_lanes=False, cudagraph_program=False, cudagraphs=False,
-        cudagraph_lanes=0,
     )
 
 

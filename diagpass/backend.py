@@ -25,7 +25,7 @@ import torch.fx
 from torch._dynamo.utils import counters
 
 from diagpass.capture import trace_clock
-from diagpass.config import DiagbatchConfig, parse_options
+from diagpass.config import DiagbatchConfig, parse_options, training_config
 from diagpass.errors import DiagpassError, StructureError, through_dynamo
 from diagpass.lower import StepCompiler
 from diagpass.passes import CellLabels
@@ -81,6 +81,8 @@ class CompileRecord:
     why) or ``"fallback"`` (plain Inductor, :attr:`reason` says why)."""
     path_reason: str | None = None
     """Why the unrolled program runs instead of the diagonal program."""
+    training: bool = False
+    """Autograd was on: the training program (:func:`diagpass.config.training_config`) was built."""
     times: CompileTimes = field(default_factory=CompileTimes)
     program_ref: Callable[[], DiagonalProgram | UnrolledProgram | None] | None = None
     """Weak reference to the program: the record must not keep its weight stacks alive."""
@@ -100,6 +102,8 @@ class CompileRecord:
         plain = "Inductor" if self.config.compiler == "inductor" else "eager"
         if self.applied:
             head = f"diagonal rewrite APPLIED ({self.path}" + (f": {self.path_reason})" if self.path_reason else ")")
+            if self.training:
+                head += ", training program (autograd on: eager batched steps, carried lanes and lane views off)"
         else:
             head = f"FELL BACK to plain {plain}: {self.reason}"
         t = self.times
@@ -203,12 +207,10 @@ def diagbatch(
     record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
     record.times.capture_s = trace_clock.elapsed()
 
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-        record.reason = (
-            "autograd is on: the diagonal program is inference-only; call the model under "
-            "torch.no_grad() or torch.inference_mode()"
-        )
-        return _fallback(gm, example_inputs, record)
+    training = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    if training:  # the training program: the same schedule, eager batched steps autograd can follow
+        config = training_config(config)
+        record.config, record.training = config, True
     if _has_symbolic_shapes(example_inputs):
         record.reason = (
             "Dynamo produced a graph with dynamic shapes (after a length change); diagbatch needs "
@@ -281,7 +283,7 @@ def diagbatch(
             return fallback[0](*args)
         before = runner.compile_s
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(training and torch.is_grad_enabled()):
                 result = call(*args)
         except Exception as error:
             if record.step_compiles or config.strict:

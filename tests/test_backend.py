@@ -195,15 +195,21 @@ def test_min_segments_threshold() -> None:
     assert not record.applied and "min_segments" in record.reason
 
 
-def test_autograd_falls_back() -> None:
+def test_autograd_runs_the_training_program_with_eager_gradients() -> None:
     model = ReferenceStyleARMT(layers=2, segment_size=8)
-    ids = _ids(1, 24)
+    ids = _ids(1, 40)
     expected = model(ids)
-    actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)(ids)
+    expected.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS, dynamic=False)(ids)
     record = diagpass.last_compile()
-    assert not record.applied and "inference-only" in record.reason
-    assert max_rel_err(actual.detach(), expected.detach()) < 1e-5
-    assert actual.requires_grad
+    assert record.applied and record.training and record.path == "diagonal program", record.summary()
+    assert not record.config.lane_views and not record.config.carry_lanes
+    assert max_rel_err(actual.detach(), expected.detach()) < 1e-5 and actual.requires_grad
+    actual.square().mean().backward()
+    for name, param in model.named_parameters():
+        assert max_rel_err(param.grad, want[name]) < 1e-4, name
 
 
 def test_recompile_after_length_change_is_exact() -> None:
