@@ -421,6 +421,7 @@ def test_in_place_state_under_the_backend_is_batched() -> None:
         actual = compiled(ids)
     record = diagpass.last_compile()
     assert record.applied and record.path == "diagonal program", record.summary()
+    assert record.num_steps == 7 + 3 - 1  # S + L - 1
     assert max(len(group.cells) for group in record.program.groups) >= 2  # batched, not one cell per call
     assert max_rel_err(actual, expected) <= 1e-5
 
@@ -548,6 +549,7 @@ def test_per_segment_keys_under_the_backend(with_labels: bool) -> None:
         actual = torch.compile(model, backend="diagbatch", options=EAGER_STEPS)(ids, **kwargs)
     record = diagpass.last_compile()
     assert record.applied and record.path == "diagonal program", record.summary()
+    assert record.num_steps == 8 + 3 - 1  # S + L - 1
     assert max(len(group.cells) for group in record.program.groups) >= 2
     _assert_outputs_equal(actual, expected)
     assert [layer.seg_num for layer in model.layers] == [8, 8, 8]
