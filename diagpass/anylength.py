@@ -624,8 +624,12 @@ def compile(  # noqa: A001 - the public name the issue asks for
     written = set(mapping.changed).union(*(m.changed for m in extra_maps))
     for probe_map in [mapping, *extra_maps]:
         probe_map.writes = {where: probe_map.translate(src) for where, src in probe_map.writes_of(written).items()}
-        if any(src[0] == "each" for src in probe_map.writes.values()):  # type: ignore[index]
-            raise GeneralisationError("diagpass.compile: the forward writes one segment's output (not the last's) to the model")
+        early = [".".join(filter(None, where)) for where, src in probe_map.writes.items() if src[0] == "each"]  # type: ignore[index]
+        if early:
+            raise GeneralisationError(
+                f"diagpass.compile: the forward leaves one segment's output (not the last's) in `{early[0]}`: "
+                "the value would depend on which segments exist"
+            )
     _find_segment_counters(mapping, extra_maps, num_segments)
     for i, other in enumerate(extra_maps, start=1):
         if mapping.recipe is None and (other.returned[1] != mapping.returned[1] or other.returned[0] != mapping.returned[0]):
