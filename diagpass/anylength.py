@@ -399,10 +399,11 @@ class AnyLengthModel(torch.nn.Module):
             raise InputError(f"the call's arguments are structured as {spec}; the probe's were {self._arg_spec}")
         tokens, segments, last = self._segments(leaves)
         record = RunRecord(tokens=tokens, segments=segments, last_length=last, path="diagonal")
+        autograd = self._autograd_on()
         reason = None
         if segments < 2:
             reason = "a single segment: nothing to batch across"
-        elif self.training_program is None and self._autograd_on():
+        elif self.training_program is None and autograd:
             reason = "autograd is on and no training program was built"
         elif last != self.program.segment_size and not self.program.plan.short_tail:
             reason = "a short last segment was not proven for this model"
@@ -412,7 +413,7 @@ class AnyLengthModel(torch.nn.Module):
             result = self.model(*args, **kwargs)
         else:
             inputs = {key: self._input(slot, leaves) for key, slot in zip(self._input_keys, self._input_slots)}
-            if self._autograd_on():  # backward runs through the same batched steps, reversed
+            if autograd:  # backward runs through the same batched steps, reversed
                 assert self.training_program is not None
                 record.autograd = True
                 outputs, record.stats = self.training_program.run(inputs, segments, last)

@@ -37,6 +37,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from diagpass.anylength import _SCALARS, _module_state, _same
 from diagpass.errors import DiagpassError, InputError
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ log = logging.getLogger("diagpass.generate")
 
 __all__ = ["GenerateRecord", "NotApplicable", "SegmentLoop", "generate"]
 
-_SCALARS = (bool, int, float, str, type(None))
 _HISTORY = 32
 
 
@@ -229,8 +229,6 @@ def _concatenate(calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> _Calls:
 
 def _plain_state(model: nn.Module) -> dict[tuple[str, str], Any]:
     """Every plain attribute of every module (flags, counters, recurrent state tensors)."""
-    from diagpass.anylength import _module_state
-
     return {where: v for where, v in _module_state(model).items() if not getattr(v, "_diagpass_patch", False)}
 
 
@@ -480,12 +478,6 @@ class _Session:
 
 
 _MISSING = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return isinstance(a, _SCALARS) and isinstance(b, _SCALARS) and type(a) is type(b) and a == b
 
 
 def _probe_of(tensor: torch.Tensor, length: int) -> torch.Tensor:

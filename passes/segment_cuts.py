@@ -20,19 +20,13 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
-from .template import node_value
+from .template import _arg, node_value
 
 __all__ = ["rewrite_segment_cuts"]
 
 _CHUNKS = {torch.chunk, torch.Tensor.chunk, "chunk"}
 _UNBINDS = {torch.unbind, torch.Tensor.unbind, "unbind"}
 _VIEWS = {torch.reshape, torch.Tensor.view, torch.Tensor.reshape, "view", "reshape"}
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _split_node(graph: torch.fx.Graph, node: torch.fx.Node, source: torch.fx.Node, size: int, dim: int) -> None:
