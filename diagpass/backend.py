@@ -103,7 +103,7 @@ class CompileRecord:
         if self.applied:
             head = f"diagonal rewrite APPLIED ({self.path}" + (f": {self.path_reason})" if self.path_reason else ")")
             if self.training:
-                head += ", training program (autograd on: eager batched steps, carried lanes and lane views off)"
+                head += f", training program (autograd on: {plain} forward and backward steps, carried lanes and lane views off)"
         else:
             head = f"FELL BACK to plain {plain}: {self.reason}"
         t = self.times
@@ -208,7 +208,7 @@ def diagbatch(
     record.times.capture_s = trace_clock.elapsed()
 
     training = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-    if training:  # the training program: the same schedule, eager batched steps autograd can follow
+    if training:  # the training program: the same schedule, steps autograd can follow
         config = training_config(config)
         record.config, record.training = config, True
     if _has_symbolic_shapes(example_inputs):

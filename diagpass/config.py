@@ -182,10 +182,11 @@ def parse_options(options: dict[str, Any] | None = None, *, mode: str | None = N
 def training_config(config: DiagbatchConfig) -> DiagbatchConfig:
     """The config of a diagonal program that runs with autograd on. Carried lanes and lane views
     write and read activations in place in shared buffers, which autograd cannot follow (tried:
-    wrong gradients, not an error), so they are off, as are CUDA graphs; steps run as batched
-    eager ops (``vmap`` of the cell template, whose backward is batched the same way: the reverse
-    diagonals), not Inductor."""
+    wrong gradients, not an error), so they are off, as are CUDA graphs. Steps keep the step
+    compiler: with Inductor, each step is compiled forward and backward through AOTAutograd
+    (:meth:`diagpass.lower.StepCompiler.get`), so backward runs batched on the reverse diagonals;
+    with ``"eager"``, ``vmap`` of the cell template, whose backward is batched the same way."""
     return dataclasses.replace(
-        config, compiler="eager", lane_views=False, carry_lanes=False, cudagraph_program=False, cudagraphs=False,
+        config, lane_views=False, carry_lanes=False, cudagraph_program=False, cudagraphs=False,
         cudagraph_lanes=0,
     )

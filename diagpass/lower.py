@@ -489,6 +489,9 @@ class StepCompiler:
         if carry is not None and static:
             static = [*static, False]  # head: a new value at every call
         devices = tuple(sorted({a.device.type for a in args if isinstance(a, torch.Tensor)}))
+        # A step that autograd must follow compiles forward and backward (AOTAutograd), and
+        # only for inputs that require grad in the same places.
+        grads = training_step(args)
         cache_key = (
             key,
             batch,
@@ -503,6 +506,7 @@ class StepCompiler:
             FUSE_GEMMS,
             tuple(sorted(config.inductor.items())),
             carry,
+            grads,
         )
         step = self._cache.get(cache_key)
         if step is not None:
@@ -517,9 +521,11 @@ class StepCompiler:
             batched = with_carry(batched, carry)
         if config.compiler == "eager":
             step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+        elif grads is not None:
+            step = self._inductor_training(batched, args, batch, config, start)
         else:
             step = self._inductor(batched, args, batch, config, start, static)
-        if (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
+        if grads is None and (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
         if carry is not None:
@@ -590,3 +596,46 @@ class StepCompiler:
         return CompiledStep(
             fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten
         )
+
+    @staticmethod
+    def _inductor_training(
+        batched: Callable[..., Any], args: Sequence[Any], batch: int, config: DiagbatchConfig, start: float
+    ) -> CompiledStep:
+        """A step autograd follows: the batched ATen graph, compiled forward and backward by
+        Inductor through AOTAutograd (``compile_fx`` partitions the joint graph, so backward runs
+        as one compiled, batched step too: the reverse diagonal). No fused GEMM weights (their
+        concatenation would sit outside the graph) and no CUDA graphs."""
+        from torch._inductor.compile_fx import compile_fx
+
+        present = [i for i, a in enumerate(args) if a is not None]
+        given = [args[i] for i in present]
+        total = len(args)
+
+        def traced(*values: Any) -> Any:
+            full: list[Any] = [None] * total
+            for i, value in zip(present, values):
+                full[i] = value
+            return tuple(batched(*full))
+
+        # make_fx traces below autograd: the graph is the forward only; AOTAutograd derives backward.
+        aten = make_fx(traced, tracing_mode="fake")(*given)
+        gemms = count_batched_gemms(aten)
+        counters["diagpass"]["batched_gemms"] += gemms
+        counters["diagpass"]["training_step_compiles"] += 1
+        compiled = compile_fx(aten, list(given), config_patches=dict(config.inductor))
+
+        def run(*step_args: Any) -> Any:
+            return compiled(*[step_args[i] for i in present])
+
+        return CompiledStep(
+            fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten
+        )
+
+
+def training_step(args: Sequence[Any]) -> tuple[bool, ...] | None:
+    """Which arguments require grad, when autograd is on and any does; None otherwise (the
+    inference step)."""
+    if not torch.is_grad_enabled():
+        return None
+    grads = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return grads if any(grads) else None

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from diagpass import placement
 from diagpass.config import DiagbatchConfig
-from diagpass.lower import StepCompiler
+from diagpass.lower import StepCompiler, training_step
 from diagpass.passes import Cell
 from diagpass.passes.template import SlotKind
 
@@ -119,7 +119,7 @@ class StepRunner(torch.nn.Module):
         self.compile_s = 0.0
         self.batched_gemms = 0
         self.used_steps: dict[int, Any] = {}  # id -> CompiledStep this program ran
-        self._resolved: dict[tuple[int, int | None], Any] = {}  # (group id, carry) -> its CompiledStep
+        self._resolved: dict[tuple[Any, ...], Any] = {}  # (group id, carry, grads) -> its CompiledStep
         self._readonly: dict[int, bool] = {}  # id(plan) -> its template writes no tensor in place
 
     def _lane_view(self, plan: VariantPlan, values: Sequence[Any]) -> torch.Tensor | None:
@@ -180,7 +180,8 @@ class StepRunner(torch.nn.Module):
             args.append(head if head is not None else args[plan.carry[0]][0])
         else:
             assert head is None, "a head for a template without a proven carry"
-        step = self._resolved.get((group_id, carry))
+        resolved_key = (group_id, carry, training_step(args))  # autograd's needs change the compiled step
+        step = self._resolved.get(resolved_key)
         if step is None:  # a group's argument layouts never change: look its step up once
             step, fresh = self.compiler.get(
                 key=plan.key,
@@ -192,7 +193,7 @@ class StepRunner(torch.nn.Module):
                 static=[kind == "by_layer" for kind in plan.slot_kinds],
                 carry=carry,
             )
-            self._resolved[(group_id, carry)] = step
+            self._resolved[resolved_key] = step
             if id(step) not in self.used_steps:
                 self.used_steps[id(step)] = step
                 self.batched_gemms += step.batched_gemms
