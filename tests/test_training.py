@@ -139,3 +139,25 @@ def test_recall_task_trains_through_the_diagonal_program() -> None:
     _, sequential = recall_accuracy(lambda ids: model(ids).logits, longer, batches=2, batch=8, seed=1)
     _, diagonal = recall_accuracy(lambda ids: fast(ids).logits, longer, batches=2, batch=8, seed=1)
     assert torch.equal(sequential, diagonal)
+
+
+@pytest.mark.slow
+def test_inductor_training_steps_compile_forward_and_backward() -> None:
+    """The default step compiler: each training step is compiled by Inductor, forward and
+    backward (AOTAutograd), and the loss and gradients still equal eager's."""
+    from torch._dynamo.utils import counters
+
+    model = models.tiny_armt()  # 2 layers, segments of 16
+    ids = _ids(2, 64, 128)
+    counters.clear()
+    fast = diagpass.compile(model, ids[:, :48])
+    loss, grads = _grads(model, lambda: fast(ids))
+    run = fast.report.runs[-1]
+    assert run.path == "diagonal" and run.autograd, run
+    assert counters["diagpass"]["training_step_compiles"] >= 2  # the first-segment cell and the steady steps
+    assert counters["aot_autograd"]["total"] >= 2  # each went through AOTAutograd (forward + backward)
+    want_loss, want = _grads(model, lambda: model(ids))
+    assert grads.keys() == want.keys() and grads
+    assert max_rel_err(loss, want_loss) <= 1e-5
+    for name in want:
+        assert max_rel_err(grads[name], want[name]) <= 1e-4, name
