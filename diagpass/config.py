@@ -97,6 +97,13 @@ class DiagbatchConfig:
     compile; the tail's L cells run unfused). ``"inductor"`` compiles one step per new
     short length (seconds, once per length, then cached): for inputs whose lengths recur."""
 
+    checkpoint_steps: bool = False
+    """Training program only (autograd on): run each batched step under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant), so a step keeps only its inputs for backward and
+    runs again there: less activation memory for one more forward of every step. Exact: the
+    random state is restored for the recomputation (dropout draws the same masks), so loss and
+    gradients equal the run without it. Inference is unaffected."""
+
     inductor: dict[str, Any] = field(default_factory=dict)
     """Inductor config overrides for the step graphs and the fallback, e.g.
     ``{"max_autotune": True}``. Any key of ``torch._inductor.config`` given at the top

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
 
 from diagpass import placement
 from diagpass.config import DiagbatchConfig
@@ -199,7 +200,12 @@ class StepRunner(torch.nn.Module):
                 self.batched_gemms += step.batched_gemms
             if fresh:
                 self.compile_s += step.compile_s
-        outputs = step.fn(*args)
+        if self.config.checkpoint_steps and torch.is_grad_enabled() and _requires_grad(args):
+            # Keep only the step's inputs; backward runs the step again (random state restored).
+            outputs = checkpoint(step.fn, *args, use_reentrant=False)
+            counters["diagpass"]["checkpointed_steps"] += 1
+        else:
+            outputs = step.fn(*args)
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
         if carry is None:
@@ -210,6 +216,10 @@ class StepRunner(torch.nn.Module):
             return cells
         counters["diagpass"]["carried_steps"] += 1
         return (*cells, outputs[carry][0])
+
+
+def _requires_grad(args: Sequence[Any]) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def lane_view(values: Sequence[Any]) -> torch.Tensor | None:
