@@ -33,6 +33,19 @@ def test_prefill_tiny_cpu_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_train_step_tiny_cpu_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu"]
+    command += ["--segments", "3", "--peers", "eager,diagpass", "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eager/diagpass" in proc.stdout and "WARNING" not in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["diagpass"]["path"] == "diagonal" and row["diagpass"]["autograd"] is True
+    assert abs(row["diagpass"]["first_loss"] - row["eager"]["first_loss"]) <= 1e-5 * abs(row["eager"]["first_loss"])
+
+
+@pytest.mark.slow
 def test_generate_tiny_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "generate.json"
     proc = subprocess.run(
