@@ -114,6 +114,9 @@ class RerollReport:
     runs: list[RunRecord] = field(default_factory=list)
     generations: list[GenerateRecord] = field(default_factory=list)
     """The ``generate`` calls (:mod:`diagpass.generate`)."""
+    pipeline: str | None = None
+    """``options={"pipeline": True}``: the stages, e.g. ``2 stages: rank 0 layers 0-1, rank 1
+    layers 2-3`` (:mod:`diagpass.distributed`); each run's ``stats`` says what this rank did."""
 
     def __str__(self) -> str:
         probes = ", ".join(f"{s} segments (last {n})" for s, n in self.probes)
@@ -128,6 +131,8 @@ class RerollReport:
             "  carried lanes: "
             + (f"output {self.carry[1]} -> slot {self.carry[0]} of the next layer, read in place" if self.carry else "none"),
         ]
+        if self.pipeline:
+            lines.append(f"  pipelined over {self.pipeline}")
         for run in self.runs[-5:]:
             extra = f" ({run.reason})" if run.reason else ""
             lines.append(
@@ -400,6 +405,11 @@ class AnyLengthModel(torch.nn.Module):
         tokens, segments, last = self._segments(leaves)
         record = RunRecord(tokens=tokens, segments=segments, last_length=last, path="diagonal")
         autograd = self._autograd_on()
+        if autograd and self.config.pipeline:
+            raise ConfigError(
+                "diagpass.compile(options={'pipeline': True}) runs inference only: call it under torch.no_grad() "
+                "(training is not pipelined yet)"
+            )
         reason = None
         if segments < 2:
             reason = "a single segment: nothing to batch across"
@@ -489,6 +499,10 @@ def compile(  # noqa: A001 - the public name the issue asks for
     config = parse_options({"min_lanes": 4, **(options or {})})
     if config.schedule != "diagonal":
         raise ConfigError("diagpass.compile runs the diagonal schedule only (schedule='diagonal')")
+    if config.pipeline:  # fail before tracing: the stages need the default process group
+        from diagpass.distributed import check_process_group
+
+        check_process_group()
     report = RerollReport()
     started = time.perf_counter()
 
@@ -667,6 +681,13 @@ def compile(  # noqa: A001 - the public name the issue asks for
     report.unit_nodes = (len(plan.first.form), len(plan.steady.form))
     report.state_writes = [".".join(filter(None, where)) for where in mapping.writes]
     report.carry = program.carry
+    if config.pipeline:  # one stage of contiguous layers per rank (diagpass.distributed)
+        from diagpass.distributed import stages_for
+        from diagpass.program.pipeline import PipelineProgram
+
+        stages = stages_for(plan.num_layers)
+        program = PipelineProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile pipeline", stages=stages)
+        report.pipeline = stages.describe()
     # Restore the state the user's probe call left (the cut probes ran after it).
     _replay_writes(model, mapping, captured, num_segments)
     log.info("diagpass.compile: proven in %.2fs:\n%s", time.perf_counter() - started, report)

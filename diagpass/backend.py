@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from diagpass.capture import trace_clock
 from diagpass.config import DiagbatchConfig, parse_options, training_config
-from diagpass.errors import DiagpassError, StructureError, through_dynamo
+from diagpass.errors import ConfigError, DiagpassError, StructureError, through_dynamo
 from diagpass.lower import StepCompiler
 from diagpass.passes import CellLabels
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_fixed, split_units
@@ -204,6 +204,9 @@ def diagbatch(
         config = parse_options(options, mode=mode)
     except DiagpassError as error:  # catchable as itself, not as Dynamo's BackendCompilerFailed
         raise through_dynamo(error) from None
+    if config.pipeline:
+        message = "diagbatch: option 'pipeline' is for diagpass.compile(model, probe, options=...) under torchrun"
+        raise through_dynamo(ConfigError(message)) from None
     record = _remember(CompileRecord(applied=False, reason=None, config=config, num_nodes=len(gm.graph.nodes)))
     record.times.capture_s = trace_clock.elapsed()
 

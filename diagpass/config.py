@@ -104,6 +104,16 @@ class DiagbatchConfig:
     random state is restored for the recomputation (dropout draws the same masks), so loss and
     gradients equal the run without it. Inference is unaffected."""
 
+    pipeline: bool = False
+    """``diagpass.compile`` only: run the program as a pipeline over the ranks of the default
+    ``torch.distributed`` process group (``torchrun --nproc-per-node P``), one stage of
+    contiguous layers per rank. Every rank calls the compiled module with the same input; each
+    runs the diagonal schedule for its own layers' cells, and the boundary hidden states travel
+    by ``isend``/``irecv`` (NCCL on GPUs, gloo on CPUs), overlapped with compute. Outputs and
+    the final state end up on every rank, as the single-process program leaves them
+    (:mod:`diagpass.distributed`). Inference only; needs an initialised process group with no
+    more ranks than layers (:class:`~diagpass.ConfigError` otherwise)."""
+
     inductor: dict[str, Any] = field(default_factory=dict)
     """Inductor config overrides for the step graphs and the fallback, e.g.
     ``{"max_autotune": True}``. Any key of ``torch._inductor.config`` given at the top

@@ -158,7 +158,7 @@ class DiagonalProgram:
             variant = unit.variants[layer]
             return tail_index.get(variant, variant) if unit.name == "tail" else variant
 
-        layout = build_layout(
+        layout = self._build_layout(
             segments=segments,
             last=last,
             num_layers=plan.num_layers,
@@ -171,6 +171,10 @@ class DiagonalProgram:
         while len(self._layouts) > _LAYOUT_CACHE:
             self._layouts.popitem(last=False)
         return layout
+
+    def _build_layout(self, **kwargs: Any) -> Layout:
+        """:func:`~diagpass.program.schedule.build_layout` (a pipeline stage builds its own)."""
+        return build_layout(**kwargs)
 
     def unit_of(self, s: int, segments: int, last: int) -> UnitPlan:
         """The unit form segment ``s`` runs."""
