@@ -29,6 +29,7 @@ from diagpass.config import DiagbatchConfig, parse_options, training_config
 from diagpass.errors import ConfigError, DiagpassError, StructureError, through_dynamo
 from diagpass.lower import StepCompiler
 from diagpass.passes import CellLabels
+from diagpass.passes.detach import STRIPPED_META, redetach_outputs, restore_detaches
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_fixed, split_units
 from diagpass.program import DiagonalProgram, UnrolledProgram, build_unrolled, plan_program
 from diagpass.report import DependencyReport, GraphAnalysis, analyze_graph
@@ -166,6 +167,9 @@ def _has_symbolic_shapes(example_inputs: list[Any]) -> bool:
 
 
 def _fallback(gm: torch.fx.GraphModule, example_inputs: list[Any], record: CompileRecord) -> Any:
+    stripped = gm.meta.pop(STRIPPED_META, None)
+    if stripped:  # the graph as captured: with the detaches the analysis took out for the proof
+        restore_detaches(gm, stripped)
     counters["diagpass"]["fallbacks"] += 1
     log.warning("diagbatch: falling back to plain %s: %s", record.config.compiler, record.reason)
     start = time.perf_counter()
@@ -349,9 +353,12 @@ def _build(
         schedule = analysis.report.schedule
         if config.schedule == "sequential":
             schedule = sorted(([c] for step in schedule for c in step), key=lambda step: (step[0][1], step[0][0]))
-        return build_unrolled(gm=gm, labels=labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler)
+        unrolled = build_unrolled(gm=gm, labels=labels, templates=templates, schedule=schedule, config=config, compiler=step_compiler)
+        redetach_outputs(unrolled.module, analysis.detaches.output_positions)
+        return unrolled
     record.path = "diagonal program"
     program = DiagonalProgram(plan, config=config, compiler=step_compiler, name="diagbatch program")
     program.fixed_length = (labels.num_segments, lengths[-1])
     counters["diagpass"]["programs"] += 1
+    redetach_outputs(plan.post[0], analysis.detaches.output_positions)  # the state the model left detached
     return program

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch.fx
+from torch._dynamo.utils import counters
 
 from diagpass.passes import (
     Cell,
@@ -19,6 +20,7 @@ from diagpass.passes import (
     extract_templates,
     label_cells,
 )
+from diagpass.passes.detach import STRIPPED_META, StrippedDetaches, detached_slots, find_recurrent_detaches, strip_detaches
 from diagpass.passes.functionalize import FunctionalizeResult, functionalize_local_writes
 from diagpass.passes.segment_cuts import rewrite_segment_cuts
 
@@ -133,6 +135,9 @@ class GraphAnalysis:
     templates: TemplateAnalysis | None
     writes: FunctionalizeResult
     """The in-place writes into graph-local values that were made out-of-place first."""
+    detaches: StrippedDetaches = field(default_factory=StrippedDetaches)
+    """The detaches on cells' recurrent inputs stripped from the graph (truncated BPTT): the
+    program puts the gradient cut back; a fallback must :func:`~diagpass.passes.detach.restore_detaches`."""
 
 
 def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
@@ -144,9 +149,18 @@ def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
         log.debug("functionalized %d in-place write(s): %s", len(writes.rewritten), "; ".join(writes.rewritten[:5]))
     graph = gm.graph
     labels = label_cells(graph)
+    # Truncated BPTT: a detach is the identity in the forward; strip it so that the cells are
+    # one template again, and keep per cell which inputs are read detached.
+    detaches = strip_detaches(graph, labels, find_recurrent_detaches(graph, labels))
+    if detaches:
+        gm.meta[STRIPPED_META] = detaches  # for a fallback, which must run the graph as captured
+        counters["diagpass"]["stripped_detaches"] += len(detaches.detaches)
+        gm.recompile()
     deps = analyze_dependencies(graph, labels)
     L, S = labels.num_layers, labels.num_segments
     templates = extract_templates(graph, labels) if labels.cells else None
+    if templates is not None and detaches:
+        templates.detached = detached_slots(templates.bindings, detaches.detaches)
 
     reason: str | None = None
     if labels.container is None:
@@ -200,4 +214,4 @@ def analyze_graph(gm: torch.fx.GraphModule) -> GraphAnalysis:
         num_nodes=len(graph.nodes),
     )
     report.analysis_s = time.perf_counter() - start
-    return GraphAnalysis(report=report, labels=labels, templates=templates, writes=writes)
+    return GraphAnalysis(report=report, labels=labels, templates=templates, writes=writes, detaches=detaches)

@@ -126,6 +126,8 @@ class TemplateAnalysis:
     """For non-uniform models: the first cell and op that differ from the main template."""
     unbatchable: str | None = None
     """Why the cells cannot be batched even though they are uniform (e.g. input mutation)."""
+    detached: dict[Cell, frozenset[int]] = field(default_factory=dict)
+    """Per cell, the input slots it reads detached (truncated BPTT, :mod:`diagpass.passes.detach`)."""
 
 
 def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.fx.Node], list[tuple[Any, ...]]]:

@@ -144,3 +144,39 @@ class ReferenceStyleARMT(nn.Module):
 
     def memory_state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.W_mem, layer.z) for layer in self.layers]
+
+
+class TruncatedReferenceARMT(ReferenceStyleARMT):
+    """Truncated BPTT written as the RMT reference writes it: after every segment, the wrapper
+    passes each layer's memory through ``manage_gradients(memory_state, seg_num)``, which
+    detaches it unless ``seg_num == 0``, ``k2`` is -1 or None, or ``seg_num + k2 > max_n_segments``
+    (``max_n_segments`` None: this forward's number of segments)."""
+
+    def __init__(self, *, k2: int | None = 2, max_n_segments: int | None = None, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.rmt_config = {"k2": k2, "max_n_segments": max_n_segments}
+
+    def manage_gradients(self, memory_state: torch.Tensor, seg_num: int, n_segments: int) -> torch.Tensor:
+        k2, max_n_segments = self.rmt_config.get("k2"), self.rmt_config.get("max_n_segments") or n_segments
+        if seg_num == 0 or k2 in {-1, None} or seg_num + k2 > max_n_segments:
+            return memory_state
+        memory_state = memory_state.detach()
+        return memory_state
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            layer.zero_mem()
+        n_segments = -(-input_ids.shape[1] // self.segment_size)
+        logits = []
+        for seg_num, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
+            segment = input_ids[:, start : start + self.segment_size].to(self.embed.weight.device)
+            x = self.embed(segment)
+            mem = self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x, mem], dim=1)  # [B, T+m, d]
+            for layer in self.layers:
+                x = layer(x)[0]
+            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
+            for layer in self.layers:
+                layer.W_mem = self.manage_gradients(layer.W_mem, seg_num, n_segments)
+                layer.z = self.manage_gradients(layer.z, seg_num, n_segments)
+        return torch.cat(logits, dim=1)

@@ -47,6 +47,7 @@ class SegmentedMemoryLM(nn.Module):
         segment_size: int,
         num_mem_tokens: int,
         memory_init_std: float | None = None,
+        k2: int | None = None,
     ) -> None:
         super().__init__()
         if segment_size < 1:
@@ -66,6 +67,11 @@ class SegmentedMemoryLM(nn.Module):
         std = float(weight.detach().float().std()) if memory_init_std is None else float(memory_init_std)
         memory = torch.randn(self.num_mem_tokens, self.d_model, device=weight.device) * std  # [m, d]
         self.memory = nn.Parameter(memory.to(weight.dtype))
+        if k2 is not None and k2 != -1 and k2 < 1:
+            raise ValueError(f"k2 must be None, -1 (full BPTT) or >= 1, got {k2}")
+        self.k2 = k2
+        """Truncated BPTT, RMT's knob: the memory carries gradient through the last ``k2`` segments
+        only (:meth:`manage_gradients`); ``None`` or ``-1``: full BPTT."""
 
     # -- layers ---------------------------------------------------------------------------------------
 
@@ -89,6 +95,18 @@ class SegmentedMemoryLM(nn.Module):
         """Clear the recurrent state of every layer wrapper."""
         for layer in self.layers:
             layer.reset_memory()
+
+    def manage_gradients(self, seg_num: int, n_segments: int) -> None:
+        """After segment ``seg_num`` of ``n_segments``: cut the memory's gradient, as the RMT
+        reference's ``manage_gradients`` does with ``max_n_segments`` = this forward's segments.
+        Kept: after segment 0, with ``k2`` None or -1, and once ``seg_num + k2 > n_segments``; so
+        the memory read by segments ``2 .. n_segments - k2 + 1`` is detached (``k2 = 1`` also
+        detaches the memory left after the last segment)."""
+        k2 = self.k2
+        if seg_num == 0 or k2 in (-1, None) or seg_num + k2 > n_segments:
+            return
+        for layer in self.layers:
+            layer.detach_memory()
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -130,9 +148,10 @@ class SegmentedMemoryLM(nn.Module):
         n_tokens = input_ids.shape[1]
         lead = self.num_mem_tokens if self.read_memory else 0  # memory rows before the text
 
+        n_segments = -(-n_tokens // self.segment_size)
         all_logits = []
         all_hidden = []
-        for start in range(0, n_tokens, self.segment_size):
+        for seg_num, start in enumerate(range(0, n_tokens, self.segment_size)):
             end = min(start + self.segment_size, n_tokens)
             n_text = end - start
             seg_embeds, seg_mask = self._segment_inputs(input_ids, attention_mask, start, end)
@@ -146,6 +165,7 @@ class SegmentedMemoryLM(nn.Module):
             all_logits.append(out.logits[:, lead : lead + n_text])  # [B, t, V]
             if output_hidden_states:
                 all_hidden.append([h[:, lead : lead + n_text] for h in out.hidden_states])  # L+1 x [B, t, d]
+            self.manage_gradients(seg_num, n_segments)
 
         logits = torch.cat(all_logits, dim=1)  # [B, N, V]
         hidden_states = None

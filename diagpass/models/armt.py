@@ -71,6 +71,12 @@ class AssociativeLayer(nn.Module):
         self.z: torch.Tensor | None = None
         self.first_seg = True
 
+    def detach_memory(self) -> None:
+        """Truncated BPTT: keep the memory's value, cut its gradient (the reference's ``detach_mem``)."""
+        if self.W_mem is not None:
+            self.W_mem = self.W_mem.detach()
+            self.z = self.z.detach()
+
     def associate(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Read the memory at every position: ``(phi(q) @ W_mem) / (phi(q) . z + eps)``."""
         self.W_mem = self.W_mem.to(hidden_states.device)
@@ -132,6 +138,7 @@ class ARMT(SegmentedMemoryLM):
         d_mem: int = 64,
         nu: int = 3,
         memory_init_std: float | None = None,
+        k2: int | None = None,
     ) -> None:
         if num_mem_tokens < 1:
             raise ValueError(f"ARMT needs at least one memory token, got num_mem_tokens={num_mem_tokens}")
@@ -140,6 +147,7 @@ class ARMT(SegmentedMemoryLM):
             segment_size=segment_size,
             num_mem_tokens=num_mem_tokens,
             memory_init_std=memory_init_std,
+            k2=k2,
         )
         self.d_mem = d_mem
         self.nu = nu

@@ -267,11 +267,13 @@ def build_armt(
     seed: int = 0,
     memory_init_std: float = 0.02,
     w_mv_std: float = 0.02,
+    k2: int | None = None,
 ) -> ARMT:
     """A random-weight :class:`ARMT` in eval mode.
 
     ``W_mv`` is initialised NON-zero (normal, std ``w_mv_std``): the reference code zero-inits it, but then
-    the memory writes nothing and the memory path has no effect on the output.
+    the memory writes nothing and the memory path has no effect on the output. ``k2``: truncated
+    BPTT (:meth:`~diagpass.models._segment_loop.SegmentedMemoryLM.manage_gradients`).
     """
     model = build_base(base, config, dtype=dtype, device=device, seed=seed)
     armt = ARMT(
@@ -281,6 +283,7 @@ def build_armt(
         d_mem=d_mem,
         nu=nu,
         memory_init_std=memory_init_std,
+        k2=k2,
     )
     _init_normal_([layer.W_mv.weight for layer in armt.layers], w_mv_std)
     return armt.eval()
@@ -322,6 +325,7 @@ def build_linear_memory(
     seed: int = 0,
     memory_init_std: float = 0.02,
     w_v_std: float = 0.02,
+    k2: int | None = None,
 ) -> LinearMemoryTransformer:
     """A random-weight :class:`LinearMemoryTransformer` in eval mode, with ``W_v`` non-zero (std ``w_v_std``)."""
     model = build_base(base, config, dtype=dtype, device=device, seed=seed)
@@ -331,6 +335,7 @@ def build_linear_memory(
         d_key=d_key,
         num_mem_tokens=num_mem_tokens,
         memory_init_std=memory_init_std,
+        k2=k2,
     )
     _init_normal_([layer.W_v.weight for layer in lm.layers], w_v_std)
     return lm.eval()

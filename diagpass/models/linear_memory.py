@@ -54,6 +54,12 @@ class LinearMemoryLayer(nn.Module):
         self.z: torch.Tensor | None = None
         self.first_seg = True
 
+    def detach_memory(self) -> None:
+        """Truncated BPTT: keep the memory's value, cut its gradient."""
+        if self.S is not None:
+            self.S = self.S.detach()
+            self.z = self.z.detach()
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Read (not on the first segment), run the layer, write all its output rows."""
         if not self.first_seg:
@@ -93,12 +99,14 @@ class LinearMemoryTransformer(SegmentedMemoryLM):
         d_key: int = 64,
         num_mem_tokens: int = 0,
         memory_init_std: float | None = None,
+        k2: int | None = None,
     ) -> None:
         super().__init__(
             base_model,
             segment_size=segment_size,
             num_mem_tokens=num_mem_tokens,
             memory_init_std=memory_init_std,
+            k2=k2,
         )
         self.d_key = d_key
         self._wrap_layers(lambda layer, i: LinearMemoryLayer(layer, self.d_model, d_key))

@@ -149,6 +149,11 @@ class PerLayerMemoryLayer(nn.Module):
         self.mem: torch.Tensor | None = None
         self.first_seg = True
 
+    def detach_memory(self) -> None:
+        """Truncated BPTT: keep the memory rows, cut their gradient."""
+        if self.mem is not None:
+            self.mem = self.mem.detach()
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Swap in the carried memory rows, run the layer, keep its memory-row output."""
         m = self.num_mem_tokens

@@ -29,6 +29,7 @@ from diagpass import placement
 from diagpass.config import DiagbatchConfig
 from diagpass.lower import prepare_attention, use_batched_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
+from diagpass.passes.detach import DetachRule, FixedDetaches
 from diagpass.passes.reroll import RerollError, RerollPlan, UnitForm, walk_arg
 from diagpass.passes.template import CellTemplate
 from diagpass.program import lifetime
@@ -97,6 +98,10 @@ class ProgramPlan:
     """Any-length only: the short last segment's variants, per length."""
     decisions: list[str] = field(default_factory=list)
     """What the planner decided, each with its reason (``print(program)``)."""
+    detach: DetachRule | None = None
+    """Truncated BPTT: which cells read which recurrent inputs detached (the detaches stripped
+    from the graph, :mod:`diagpass.passes.detach`); ``None``: none. ``diagpass.compile`` sets
+    the rule it fitted over its probes."""
 
     def unit_of(self, s: int, segments: int, last: int) -> UnitPlan:
         if s == 0:
@@ -439,6 +444,9 @@ def plan_program(
         next_reads=exports_next("steady"), collect_refs=collect_refs, post_positions=steady_post,
     )
     carry, carry_position, carry_reason = planner.find_carry(units["steady"])
+    detach = FixedDetaches(templates.detached) if fixed is not None and templates.detached else None
+    if detach is not None:
+        decisions.append(detach.describe() + ": detached before stacking, with autograd on")
     return ProgramPlan(
         num_layers=L,
         segment_size=proof.segment_size,
@@ -459,4 +467,5 @@ def plan_program(
         carry_reason=carry_reason,
         tails=tails,
         decisions=decisions,
+        detach=detach,
     )

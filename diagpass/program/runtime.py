@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 from diagpass.config import DiagbatchConfig
 from diagpass.graphs import ProgramGraphs, program_graphs
@@ -234,6 +235,8 @@ class _Run:
         self.hoisted: dict[tuple[int, int], Any] = {}  # (id(chunk), n) -> its invariant values
         self.collected: list[list[Any]] = [[None] * segments for _ in self.plan.collect_refs]
         self.early: set[int] = set()  # segments whose first chunk ran a step early, for the carry
+        # Truncated BPTT: cut the gradient where eager's detach did (only autograd can tell).
+        self.detach = self.plan.detach if torch.is_grad_enabled() else None
         pre_module, pre_ext = self.plan.pre
         self.pre_values = pre_module(*[inputs[r[1]] for r in pre_ext])
 
@@ -280,6 +283,14 @@ class _Run:
         for pos, value in zip(chunk.outputs, values):
             self.store(s, unit, pos, value)
 
+    def cell_input(self, layer: int, s: int, slot: int) -> Any:
+        """Cell ``(layer, s)``'s value for ``slot``, detached where the model detached it."""
+        value = self.resolve(self.unit(s).cell_inputs[layer][slot], s)
+        if self.detach is not None and slot in self.detach.slots(layer, s, self.segments):
+            counters["diagpass"]["detached_inputs"] += 1
+            return value.detach()
+        return value
+
     def head_for(self, group: StepGroup) -> torch.Tensor | None:
         """The carried slot's input of the next step's lane 0, when this group's lanes are
         layers 0..G-1 (no padding) and the next step starts a steady segment."""
@@ -311,7 +322,7 @@ class _Run:
                     layer, s = group.cells[0]
                     args.append(self.resolve(self.unit(s).cell_inputs[layer][slot], s))
                 elif kind == "per_cell":
-                    args.extend(self.resolve(self.unit(s).cell_inputs[layer][slot], s) for layer, s in group.cells)
+                    args.extend(self.cell_input(layer, s, slot) for layer, s in group.cells)
             head = self.head_for(group)
             outputs = runner(group_id, self.stacks, *args, head=head)
             if head is not None:  # lane 0 of the buffer the next step reads in place

@@ -266,7 +266,11 @@ def build_unrolled(
                 if kind == "shared":
                     args.append(env[bindings[group.cells[0]].inputs[slot]])
                 elif kind == "per_cell":
-                    args.extend(env[bindings[c].inputs[slot]] for c in group.cells)
+                    for c in group.cells:
+                        value = env[bindings[c].inputs[slot]]
+                        if slot in templates.detached.get(c, ()):  # truncated BPTT: the model's detach
+                            value = graph.call_method("detach", (value,))
+                        args.append(value)
             head = heads.get(group_id)
             kwargs = {"head": env[head]} if head is not None else {}
             call = graph.call_module("steps", (group_id, stacks_node, *args), kwargs)
