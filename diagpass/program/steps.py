@@ -24,7 +24,7 @@ from diagpass.lower import StepCompiler, training_step
 from diagpass.passes import Cell
 from diagpass.passes.template import SlotKind
 
-__all__ = ["StepGroup", "VariantPlan", "WeightStacks", "StepRunner", "lane_view", "step_in_dims"]
+__all__ = ["StepGroup", "VariantPlan", "WeightStacks", "TrainableStack", "StepRunner", "lane_view", "stack_lanes", "step_in_dims"]
 
 
 @dataclass(kw_only=True)
@@ -90,11 +90,9 @@ class WeightStacks(torch.nn.Module):
     def extra_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self._stacks if s is not None)
 
-    def forward(self, *members: torch.Tensor) -> list[torch.Tensor]:
-        if torch.is_grad_enabled() and any(m.requires_grad for m in members if isinstance(m, torch.Tensor)):
-            # Training: stack in the autograd graph at every call (the stack's backward hands each
-            # layer its slice of the gradient); a cached copy would cut the weights off.
-            return [torch.stack([members[j] for j in layout]) for layout in self.layouts]  # [L, ...]
+    def forward(self, *members: torch.Tensor) -> list[torch.Tensor | TrainableStack]:
+        """The stacks; with autograd on, a stack whose members require grad comes as a
+        :class:`TrainableStack`, whose lanes send their gradients to those members."""
         for i, layout in enumerate(self.layouts):
             tensors = [members[j] for j in layout]
             stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
@@ -103,7 +101,58 @@ class WeightStacks(torch.nn.Module):
                     self._stacks[i] = torch.stack([t.detach() for t in tensors])  # [L, ...]
                 self._stamps[i] = stamp
                 counters["diagpass"]["weight_restacks"] += 1
-        return list(self._stacks)  # type: ignore[arg-type]
+        stacks: list[torch.Tensor | TrainableStack] = list(self._stacks)  # type: ignore[arg-type]
+        if torch.is_grad_enabled():
+            for i, layout in enumerate(self.layouts):
+                tensors = [members[j] for j in layout]
+                if any(t.requires_grad for t in tensors):
+                    stacks[i] = TrainableStack(self._stacks[i], tensors)  # type: ignore[arg-type]
+        return stacks
+
+
+class _StackLanes(torch.autograd.Function):
+    """Lanes of a weight stack (a detached copy of per-layer tensors), differentiable with respect
+    to those tensors: backward hands each layer its lane's gradient directly. Slicing a stack
+    built in the autograd graph instead would, at every step, materialise a zero gradient the
+    size of the whole stack (``slice_backward``) and add it up: a copy of all the weights in
+    memory and its traffic per step."""
+
+    @staticmethod
+    def forward(ctx: Any, stack: torch.Tensor, lanes: tuple[int, ...], contiguous: bool, *members: torch.Tensor) -> torch.Tensor:
+        ctx.lanes, ctx.count = lanes, len(members)
+        if contiguous:
+            return stack[lanes[0] : lanes[0] + len(lanes)]  # [G, ...], a view: nothing saved per step
+        return stack.index_select(0, torch.tensor(lanes, device=stack.device))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads: list[torch.Tensor | None] = [None] * ctx.count
+        for lane, layer in enumerate(ctx.lanes):  # padded lanes repeat a layer: add their (zero) share
+            grads[layer] = grad[lane] if grads[layer] is None else grads[layer] + grad[lane]
+        return (None, None, None, *grads)
+
+
+@dataclass
+class TrainableStack:
+    """A weight stack whose per-layer members require grad (:class:`WeightStacks` under autograd)."""
+
+    stack: torch.Tensor
+    """The stacked copy, ``[L, ...]``, refreshed when a member changes (an optimizer step)."""
+    members: list[torch.Tensor]
+    """The per-layer tensors, in stack order: they receive the gradients."""
+
+    def lanes(self, lanes: Sequence[int], contiguous: bool) -> torch.Tensor:
+        """``stack[lanes]`` (``[G, ...]``) in the autograd graph of the members."""
+        return _StackLanes.apply(self.stack, tuple(lanes), contiguous, *self.members)
+
+
+def stack_lanes(stack: torch.Tensor | TrainableStack, lanes: Sequence[int], contiguous: bool) -> torch.Tensor:
+    """The lanes of a by-layer stack one step reads, ``[G, ...]``: a view when contiguous."""
+    if isinstance(stack, TrainableStack):
+        return stack.lanes(lanes, contiguous)
+    if contiguous:
+        return stack[lanes[0] : lanes[0] + len(lanes)]  # no copy
+    return stack.index_select(0, torch.tensor(list(lanes), device=stack.device))
 
 
 class StepRunner(torch.nn.Module):
@@ -134,7 +183,7 @@ class StepRunner(torch.nn.Module):
         return lane_view(values) if readonly else None
 
     def forward(
-        self, group_id: int, stacks: list[torch.Tensor], *inputs: Any, head: torch.Tensor | None = None
+        self, group_id: int, stacks: list[torch.Tensor | TrainableStack], *inputs: Any, head: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         """The cells' outputs, cell by cell. A template with ``plan.carry`` writes output
         ``plan.carry[1]`` one lane up; given ``head`` (the input of slot ``plan.carry[0]`` of the
@@ -166,12 +215,7 @@ class StepRunner(torch.nn.Module):
                         lane_values[lane] = values[cell_index]
                     args.append(torch.stack(lane_values))
             else:
-                stack = stacks[plan.stack_ids[slot]]
-                if group.contiguous:
-                    args.append(stack[group.lanes[0] : group.lanes[0] + num_lanes])  # [G, ...], no copy
-                else:
-                    index = torch.tensor(group.lanes, device=stack.device)
-                    args.append(stack.index_select(0, index))
+                args.append(stack_lanes(stacks[plan.stack_ids[slot]], group.lanes, group.contiguous))  # [G, ...]
         carry = None
         if plan.carry is not None:
             # Every step of a carrying template carries, so a template compiles once per
