@@ -124,16 +124,24 @@ def test_zoo_armt_truncation_through_the_backend() -> None:
     assert _differs_from_full_bptt(model, grads, ids, _zoo_k2(model), 3)
 
 
-def test_linear_memory_truncation() -> None:
+@pytest.mark.parametrize(
+    "build, state_slots",
+    [
+        (lambda: models.build_linear_memory(segment_size=8, d_key=8, k2=2, w_v_std=0.2), 2),  # S and z
+        (lambda: models.build_per_layer_memory_rmt(segment_size=8, num_mem_tokens=2, k2=2), 1),  # mem
+    ],
+    ids=["linear_memory", "per_layer_memory_rmt"],
+)
+def test_other_zoo_variants_truncation(build: Callable[[], Any], state_slots: int) -> None:
     torch._dynamo.reset()
-    model = models.build_linear_memory(segment_size=8, d_key=8, k2=2, w_v_std=0.2)
+    model = build()
     vocab = model.config.vocab_size
     fast = diagpass.compile(model, _ids(1, 32, vocab), options=EAGER)
     ids = _ids(1, 8 * 5, vocab, seed=3)
     counters.clear()
     grads = assert_truncated_gradients_match(model, fast, ids, set_k2=_zoo_k2(model))
     assert fast.report.runs[-1].path == "diagonal" and fast.report.runs[-1].autograd
-    assert counters["diagpass"]["detached_inputs"] == 2 * model.num_layers * len(_window(5, 2))
+    assert counters["diagpass"]["detached_inputs"] == state_slots * model.num_layers * len(_window(5, 2))
     assert _differs_from_full_bptt(model, grads, ids, _zoo_k2(model), 2)
 
 

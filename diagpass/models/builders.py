@@ -352,6 +352,7 @@ def build_per_layer_memory_rmt(
     seed: int = 0,
     memory_init_std: float = 0.02,
     read_memory: bool = True,
+    k2: int | None = None,
 ) -> PerLayerMemoryRMT:
     """A random-weight :class:`PerLayerMemoryRMT` in eval mode."""
     model = build_base(base, config, dtype=dtype, device=device, seed=seed)
@@ -361,6 +362,7 @@ def build_per_layer_memory_rmt(
         num_mem_tokens=num_mem_tokens,
         memory_init_std=memory_init_std,
         read_memory=read_memory,
+        k2=k2,
     )
     return rmt.eval()
 

@@ -183,6 +183,7 @@ class PerLayerMemoryRMT(SegmentedMemoryLM):
         num_mem_tokens: int,
         memory_init_std: float | None = None,
         read_memory: bool = True,
+        k2: int | None = None,
     ) -> None:
         if num_mem_tokens < 1:
             raise ValueError(f"PerLayerMemoryRMT needs at least one memory token, got {num_mem_tokens}")
@@ -191,6 +192,7 @@ class PerLayerMemoryRMT(SegmentedMemoryLM):
             segment_size=segment_size,
             num_mem_tokens=num_mem_tokens,
             memory_init_std=memory_init_std,
+            k2=k2,
         )
         self.read_memory = bool(read_memory)
         self._wrap_layers(lambda layer, i: PerLayerMemoryLayer(layer, num_mem_tokens, self.read_memory))
