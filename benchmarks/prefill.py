@@ -33,6 +33,7 @@ import torch
 
 import diagpass
 from diagpass import models
+from exactness import segment_check
 from kernel_kinds import kernel_kind
 
 PEERS = ("full", "eager", "layers", "model", "diagbatch", "ablation")
@@ -84,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "diagpass.compile (a 3-segment probe traced once; the same steps)",
     )
     p.add_argument("--mode", default=None, help="torch.compile mode for diagbatch")
-    p.add_argument("--check", action="store_true", help="bf16 error of diagbatch vs eager, next to SDPA-vs-math noise")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="bf16 error of diagbatch vs eager next to SDPA-kernel noise; with --diag-via compile also, per segment, "
+        "diagpass and eager (fp32 and the run's dtype) against an fp64 reference (benchmarks/exactness.py)",
+    )
     p.add_argument(
         "--sdpa",
         default="default",
@@ -372,6 +378,8 @@ def measure_anylength(
     if args.check:
         result["check"] = bf16_check(armt, anylength, ids)
         print(f"  {ids.shape[1]:>7} check      {result['check']}", flush=True)
+        result["segment_check"] = segment_check(armt, anylength, ids, segment=s["segment"], options=options)
+        print(f"  {ids.shape[1]:>7} per-segment worst {result['segment_check']['worst']}", flush=True)
     return anylength
 
 
