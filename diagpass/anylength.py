@@ -145,6 +145,11 @@ class RerollReport:
         return "\n".join(lines)
 
 
+def _modes(model: torch.nn.Module) -> tuple[bool, ...]:
+    """``training`` of every submodule, in order."""
+    return tuple(module.training for module in model.modules())
+
+
 def _summarise_writes(writes: list[str]) -> str:
     """``W_mem, first_seg, z on 16 modules (model.model.layers.0 ...)`` rather than 48 paths."""
     if not writes:
@@ -340,12 +345,21 @@ class AnyLengthModel(torch.nn.Module):
         report: RerollReport,
         options: dict[str, Any] | None = None,
         training: DiagonalProgram | None = None,
+        random: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.program = program
         self.training_program = training
         """The same plan for runs with autograd on (:func:`diagpass.config.training_config`); None: those run eagerly."""
+        self.random = random
+        """Where the traced cells draw random numbers (dropout in ``train()`` mode), or None. Only the
+        training program runs them: the same distribution as the model, not the same draws."""
+        self._modes = _modes(model)
+        """``train()``/``eval()`` of every submodule when traced: dropout and ``if self.training`` are
+        traced as they were, so another mode needs its own program (:attr:`_by_mode`)."""
+        self._by_mode: dict[tuple[bool, ...], AnyLengthModel | str] = {}
+        """Programs compiled from the same probe in other modes, or why that failed."""
         self.config = config
         self.options = dict(options or {})
         """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
@@ -404,6 +418,9 @@ class AnyLengthModel(torch.nn.Module):
         if spec != self._arg_spec:
             raise InputError(f"the call's arguments are structured as {spec}; the probe's were {self._arg_spec}")
         tokens, segments, last = self._segments(leaves)
+        modes = _modes(self.model)
+        if modes != self._modes:
+            return self._in_other_mode(modes, (tokens, segments, last), start, args, kwargs)
         record = RunRecord(tokens=tokens, segments=segments, last_length=last, path="diagonal")
         autograd = self._autograd_on()
         if autograd and self.config.pipeline:
@@ -418,6 +435,8 @@ class AnyLengthModel(torch.nn.Module):
             reason = "autograd is on and no training program was built"
         elif last != self.program.segment_size and not self.program.plan.short_tail:
             reason = "a short last segment was not proven for this model"
+        elif self.random is not None and not autograd:
+            reason = f"inference in train() mode: {self.random}"
         if reason is not None:
             record.path, record.reason = "eager", reason
             log.info("diagpass.compile: running the model eagerly: %s", reason)
@@ -432,6 +451,34 @@ class AnyLengthModel(torch.nn.Module):
                 with torch.no_grad():
                     outputs, record.stats = self.program.run(inputs, segments, last)
             result = self._write_back(outputs, inputs, segments)
+        record.wall_s = time.perf_counter() - start
+        self.report.runs.append(record)
+        del self.report.runs[:-_RUN_HISTORY]
+        return result
+
+    def _in_other_mode(
+        self, modes: tuple[bool, ...], length: tuple[int, int, int], start: float, args: Any, kwargs: Any
+    ) -> Any:
+        """A call after ``train()``/``eval()`` changed the model's mode since the trace: run the
+        program compiled from the same probe in this mode (compiled on the first such call), or
+        the model itself when that cannot be proven."""
+        other = self._by_mode.get(modes)
+        if other is None:
+            probe_args, probe_kwargs = pytree.tree_unflatten(self._arg_examples, self._arg_spec)
+            log.info("diagpass.compile: the model's train()/eval() mode changed: compiling the probe in this mode")
+            try:
+                other = compile(self.model, *probe_args, options=self.options, **probe_kwargs)
+            except DiagpassError as error:
+                other = f"not proven in this train()/eval() mode: {error}"
+            self._by_mode[modes] = other
+        if isinstance(other, AnyLengthModel):
+            result = other(*args, **kwargs)
+            record = other.report.runs[-1]
+            record.reason = record.reason or "the program traced in this train()/eval() mode"
+        else:
+            result = self.model(*args, **kwargs)
+            tokens, segments, last = length
+            record = RunRecord(tokens=tokens, segments=segments, last_length=last, path="eager", reason=other)
         record.wall_s = time.perf_counter() - start
         self.report.runs.append(record)
         del self.report.runs[:-_RUN_HISTORY]
@@ -528,6 +575,9 @@ def compile(  # noqa: A001 - the public name the issue asks for
         raise StructureError(f"diagpass.compile: diagonal structure not proven: {verdict.reason}", verdict.violations)
     if analysis.templates.unbatchable:
         raise StructureError(f"diagpass.compile: cells cannot be batched: {analysis.templates.unbatchable}")
+    random = analysis.templates.random  # dropout in train() mode: only the training program batches it
+    if random and not any(p.requires_grad for p in model.parameters()):
+        raise StructureError(f"diagpass.compile: cells cannot be batched (no parameter requires grad): {random}")
     mapping = _map_probe(model, captured, arg_leaves, before)
     try:
         split = split_units(gm.graph, analysis.labels)
@@ -709,6 +759,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         report=report,
         options=options,
         training=training,
+        random=random,
     )
 
 

@@ -241,8 +241,11 @@ def diagbatch(
                 StructureError(f"diagbatch (strict): diagonal structure not proven: {record.reason}", report.violations)
             )
         return _fallback(gm, example_inputs, record)
-    if templates.unbatchable:
-        record.reason = templates.unbatchable
+    # Random draws (dropout in train() mode) batch in the training program only: same distribution,
+    # other draws than the sequential model (README, training). Inference in train() mode falls back.
+    unbatchable = templates.unbatchable or (None if training else templates.random)
+    if unbatchable:
+        record.reason = unbatchable
         if config.strict:
             raise through_dynamo(StructureError(f"diagbatch (strict): cells cannot be batched: {record.reason}"))
         return _fallback(gm, example_inputs, record)

@@ -337,7 +337,7 @@ def _depends_on(node: torch.fx.Node, root: torch.fx.Node) -> bool:
 
 def batched_template(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:
     """The batched step: vmap of the template over dim 0 (cells)."""
-    return torch.func.vmap(template, in_dims=tuple(in_dims), out_dims=0)
+    return torch.func.vmap(template, in_dims=tuple(in_dims), out_dims=0, randomness="different")  # dropout: a mask per cell
 
 
 def single_cell(template: torch.fx.GraphModule, in_dims: Sequence[int | None]) -> Callable[..., Any]:

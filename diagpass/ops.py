@@ -118,6 +118,9 @@ def batched_sdpa(
 
 
 def sdpa_supported(*args: Any, **kwargs: Any) -> bool:
-    """Whether a recorded SDPA call fits :func:`batched_sdpa` (4-D q/k/v, no extra kwargs)."""
+    """Whether a recorded SDPA call fits :func:`batched_sdpa` (4-D q/k/v, no extra kwargs, no
+    dropout: its backward recomputes the attention, which would draw another dropout mask; SDPA
+    with dropout stays itself, batched by vmap with a mask per cell)."""
     allowed = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
-    return len(args) <= 3 + len(allowed) and set(kwargs) <= allowed
+    dropout = kwargs["dropout_p"] if "dropout_p" in kwargs else (args[4] if len(args) > 4 else 0.0)
+    return len(args) <= 3 + len(allowed) and set(kwargs) <= allowed and isinstance(dropout, (int, float)) and dropout == 0

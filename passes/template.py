@@ -128,6 +128,10 @@ class TemplateAnalysis:
     """Why the cells cannot be batched even though they are uniform (e.g. input mutation)."""
     detached: dict[Cell, frozenset[int]] = field(default_factory=dict)
     """Per cell, the input slots it reads detached (truncated BPTT, :mod:`diagpass.passes.detach`)."""
+    random: str | None = None
+    """Where a cell draws random numbers (dropout in ``train()`` mode), or ``None``. Only the
+    training program batches such cells (same distribution, not the same draws as the sequential
+    model: the diagonal draws them in another order); inference refuses them (call ``eval()``)."""
 
 
 def _canonical(nodes: list[torch.fx.Node]) -> tuple[tuple[Any, ...], list[torch.fx.Node], list[tuple[Any, ...]]]:
@@ -238,6 +242,7 @@ def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnal
     bindings: dict[Cell, CellBinding] = {}
     texts_of: dict[int, list[tuple[Any, ...]]] = {}
     unbatchable: str | None = None
+    random: str | None = None
     for cell in cells:
         nodes = labels.cells[cell]
         form, inputs, texts = _canonical(nodes)
@@ -264,14 +269,13 @@ def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnal
                     where, _ = source_line(node)
                     unbatchable = f"cell {cell} writes in place into a value from outside the cell ({node.name} at {where})"
                     break
-                if draws_random(node):
+                if random is None and draws_random(node):
                     where, _ = source_line(node)
-                    unbatchable = (
+                    random = (
                         f"cell {cell} draws random numbers ({_target_name(node).split('.')[-1]} at {where}): is the model "
                         "in train() mode with dropout? Call model.eval() for inference; a batched diagonal would draw "
                         "them in another order than the sequential model"
                     )
-                    break
 
     # Output slots: every local that some cell of the variant lets escape.
     escaping: dict[int, set[int]] = {t.variant: set() for t in templates}
@@ -308,7 +312,8 @@ def extract_templates(graph: torch.fx.Graph, labels: CellLabels) -> TemplateAnal
     for binding in bindings.values():
         binding.variant = renumber[binding.variant]
     return TemplateAnalysis(
-        templates=templates, bindings=bindings, uniform=uniform, difference=difference, unbatchable=unbatchable
+        templates=templates, bindings=bindings, uniform=uniform, difference=difference, unbatchable=unbatchable,
+        random=random,
     )
 
 
