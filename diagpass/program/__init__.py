@@ -9,6 +9,8 @@ The pipeline, one stage per module:
 * :mod:`~diagpass.program.schedule`: the steps of one run and their batched calls;
 * :mod:`~diagpass.program.steps`: one batched call (weight stacks, lane views, compiled steps);
 * :mod:`~diagpass.program.runtime`: :class:`DiagonalProgram`, which runs all of it;
+* :mod:`~diagpass.program.pipeline`: one stage of it per rank of a process group
+  (``options={"pipeline": True}``, :mod:`diagpass.distributed`);
 * :mod:`~diagpass.program.unrolled`: the backend's path for graphs the plan cannot express yet.
 """
 

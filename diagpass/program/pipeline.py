@@ -103,7 +103,10 @@ def build_stage_layout(
         raise ConfigError("diagpass pipeline: runs the diagonal schedule only")
     stages, L = program.stages, num_layers
     mine = stages.layers()
-    steps = [[(l, d - l) for l in range(max(0, d - segments + 1), min(L - 1, d) + 1) if l in mine] for d in range(segments + L - 1)]
+    steps = [
+        [(l, d - l) for l in range(max(0, d - segments + 1), min(L - 1, d) + 1) if l in mine]
+        for d in range(segments + L - 1)
+    ]
     groups: list[StepGroup] = []
     by_step: list[list[int]] = []
     limit = min(len(mine), segments)  # a stage's diagonal never holds more cells
@@ -150,7 +153,8 @@ def plan_transfers(
         reads: list[tuple[int, list[Ref]]] = [(phase, chunk.ext) for phase, chunk in unit.chunks.items()]
         for layer in range(L):
             kinds = plans[variant_of((layer, s))].slot_kinds
-            reads.append((2 * layer + 1, [unit.cell_inputs[layer][i] for i, kind in enumerate(kinds) if kind in _READ_KINDS]))
+            slots = [unit.cell_inputs[layer][i] for i, kind in enumerate(kinds) if kind in _READ_KINDS]
+            reads.append((2 * layer + 1, slots))
         for phase, refs in reads:
             reader = stages.of_phase(phase)
             readers = range(stages.world) if reader is None else (reader,)
@@ -208,7 +212,9 @@ class PipelineProgram(DiagonalProgram):
     """The diagonal program of one stage (this rank's layers) of a pipeline over the ranks of the
     default process group. Whole-program CUDA graphs are off (the run communicates)."""
 
-    def __init__(self, plan: ProgramPlan, *, config: DiagbatchConfig, compiler: StepCompiler, name: str, stages: Stages) -> None:
+    def __init__(
+        self, plan: ProgramPlan, *, config: DiagbatchConfig, compiler: StepCompiler, name: str, stages: Stages
+    ) -> None:
         super().__init__(plan, config=config, compiler=compiler, name=name)
         self.graphs = None
         self.stages = stages
@@ -273,7 +279,9 @@ class _StageRun(_Run):
     program: PipelineProgram
     layout: StageLayout
 
-    def __init__(self, program: PipelineProgram, inputs: dict[Hashable, Any], stacks: list[torch.Tensor], segments: int, last: int) -> None:
+    def __init__(
+        self, program: PipelineProgram, inputs: dict[Hashable, Any], stacks: list[torch.Tensor], segments: int, last: int
+    ) -> None:
         super().__init__(program, inputs, stacks, segments, last)
         self.stages = program.stages
         self.pending: dict[tuple[int, int], Any] = {}  # (segment, position) -> its irecv, not yet waited on
@@ -460,7 +468,11 @@ class _StageRun(_Run):
     def broadcast(self, shared: list[tuple[Hashable, int, Any]]) -> list[Any]:
         """Every shared value, on every rank, from its owner (shapes exchanged on the first run)."""
         if self.exchange:
-            mine = {key: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for key, owner, v in shared if owner == self.stages.rank}
+            mine = {
+                key: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+                for key, owner, v in shared
+                if owner == self.stages.rank
+            }
             gathered: list[Any] = [None] * self.stages.world
             dist.all_gather_object(gathered, mine)
             for theirs in gathered:
@@ -474,7 +486,10 @@ class _StageRun(_Run):
                 dist.broadcast_object_list(box, src=owner)
                 results.append(box[0])
                 continue
-            tensor = value.contiguous() if owner == self.stages.rank else torch.empty(meta[0], dtype=meta[1], device=self.device)
+            if owner == self.stages.rank:
+                tensor = value.contiguous()
+            else:
+                tensor = torch.empty(meta[0], dtype=meta[1], device=self.device)
             works.append(dist.broadcast(tensor, src=owner, async_op=True))
             self.counts["broadcast_bytes"] += tensor.numel() * tensor.element_size()
             results.append(value if owner == self.stages.rank else tensor)
