@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one repeat, no warm-up beyond the compile call")
+    p.add_argument(
+        "--noise",
+        action="store_true",
+        help="also run the own generate with the math attention kernel: its token agreement with the default "
+        "kernel is the noise reference for diagpass's agreement",
+    )
     return p.parse_args(argv)
 
 
@@ -110,6 +116,20 @@ def main(argv: list[str] | None = None) -> None:
         if "diagpass" in outputs and "own" in outputs:
             row["tokens_identical"] = bool(torch.equal(outputs["diagpass"], outputs["own"]))
             row["token_agreement"] = float((outputs["diagpass"] == outputs["own"]).float().mean())
+            if args.noise:
+                # The noise reference: the model's own generate against itself with another
+                # attention kernel (the math one), the same prompt and greedy decoding.
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel([SDPBackend.MATH]):
+                    own_math = call("own", ids, new_tokens)
+                row["own_vs_own_math_agreement"] = float((own_math == outputs["own"]).float().mean())
+                row["diagpass_vs_own_math_agreement"] = float((outputs["diagpass"] == own_math).float().mean())
+                print(
+                    f"  token agreement: diagpass vs own {row['token_agreement']:.3f}; own (math attention) vs own "
+                    f"{row['own_vs_own_math_agreement']:.3f}; diagpass vs own (math) {row['diagpass_vs_own_math_agreement']:.3f}",
+                    flush=True,
+                )
         rows.append(row)
         print_row(row, peers)
 
