@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -717,6 +717,8 @@ def compile(  # noqa: A001 - the public name the issue asks for
         )
         program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
         train_config = training_config(config)
+        if random and train_config.compiler != "eager":  # as the backend: Inductor steps gave NaN with dropout
+            train_config = replace(train_config, compiler="eager")
         train_plan = plan_program(
             proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
         )
