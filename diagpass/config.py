@@ -104,6 +104,15 @@ class DiagbatchConfig:
     random state is restored for the recomputation (dropout draws the same masks), so loss and
     gradients equal the run without it. Inference is unaffected."""
 
+    weights_in_stack: bool = False
+    """Move each per-layer weight into its stack (``param.data`` becomes a view of its lane of
+    the ``[L, ...]`` stack the batched GEMMs read) instead of keeping a stacked copy beside the
+    model: the copy costs as much memory as the stacked weights (1.9 GiB for Llama-3.2-1B's
+    layers, about 14 GiB at 8B). Values, ``requires_grad`` and gradients are unchanged, and an
+    optimizer's in-place step writes the stack itself. Off by default because the parameters
+    then share one storage: ``safetensors`` (``save_pretrained``) refuses tensors that share
+    memory, so clone the state dict to save it (``{k: v.clone() for k, v in sd.items()}``)."""
+
     pipeline: bool = False
     """``diagpass.compile`` only: run the program as a pipeline over the ranks of the default
     ``torch.distributed`` process group (``torchrun --nproc-per-node P``), one stage of

@@ -161,3 +161,37 @@ def test_inductor_training_steps_compile_forward_and_backward() -> None:
     assert max_rel_err(loss, want_loss) <= 1e-5
     for name in want:
         assert max_rel_err(grads[name], want[name]) <= 1e-4, name
+
+
+def test_weights_in_stack_trains_exactly_without_a_stacked_copy() -> None:
+    """``weights_in_stack``: the layers' weights move into the stacks (no second copy), gradients
+    still equal eager's, and an optimizer step writes the stack itself (nothing is restacked)."""
+    from torch._dynamo.utils import counters
+
+    model = models.tiny_armt()
+    twin = copy.deepcopy(model)
+    ids = _ids(2, 56, 128)
+    fast = diagpass.compile(model, ids[:, :48], options={"compiler": "eager", "weights_in_stack": True})
+    program = fast.training_program
+    assert program is not None and program.stacks is fast.program.stacks  # one set of stacks for both programs
+    for step in range(2):
+        loss, grads = _grads(model, lambda: fast(ids))
+        want_loss, want = _grads(twin, lambda: twin(ids))
+        assert fast.report.runs[-1].path == "diagonal" and fast.report.runs[-1].autograd
+        assert max_rel_err(loss, want_loss) <= 1e-5 and grads.keys() == want.keys()
+        for name in want:
+            assert max_rel_err(grads[name], want[name]) <= 1e-5, (step, name)
+        assert program.stacks.extra_bytes == 0
+        stack = next(s for s in program.stacks._stacks if s is not None)
+        layer_weight = model.layers[1].layer.mlp.down_proj.weight
+        assert any(layer_weight.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in program.stacks._stacks)
+        if step == 0:
+            restacks = counters["diagpass"]["weight_restacks"]
+        with torch.no_grad():  # an optimizer-like in-place step on both models
+            for p, q in zip(model.parameters(), twin.parameters()):
+                p.add_(p.grad, alpha=-0.1)
+                q.add_(q.grad, alpha=-0.1)
+        assert stack is next(s for s in program.stacks._stacks if s is not None)
+    with torch.no_grad():  # inference reads the same (updated) stacks
+        assert max_rel_err(logits_of(fast(ids)), logits_of(twin(ids))) <= 1e-5
+    assert counters["diagpass"]["weight_restacks"] == restacks  # the in-place steps wrote the stacks

@@ -69,7 +69,18 @@ class RunStats:
 class DiagonalProgram:
     """A proven segment loop, run on the diagonal schedule. ``print(program)`` describes it."""
 
-    def __init__(self, plan: ProgramPlan, *, config: DiagbatchConfig, compiler: StepCompiler, name: str) -> None:
+    def __init__(
+        self,
+        plan: ProgramPlan,
+        *,
+        config: DiagbatchConfig,
+        compiler: StepCompiler,
+        name: str,
+        share_stacks: DiagonalProgram | None = None,
+    ) -> None:
+        """``share_stacks``: another program of the same model (the inference program, for the
+        training one) whose weight stacks this one reuses when they stack the same members, so the
+        model's weights are stacked once, not once per program."""
         self.plan = plan
         self.config = config
         self.compiler = compiler
@@ -78,7 +89,10 @@ class DiagonalProgram:
         for members in plan.stack_keys:
             layouts.append(list(range(offset, offset + len(members))))
             offset += len(members)
-        self.stacks = WeightStacks(layouts)
+        if share_stacks is not None and share_stacks.stacks.layouts == layouts and share_stacks.plan.stack_keys == plan.stack_keys:
+            self.stacks = share_stacks.stacks
+        else:
+            self.stacks = WeightStacks(layouts, in_place=config.weights_in_stack)
         self._member_keys = [k for members in plan.stack_keys for k in members]
         self.graphs: ProgramGraphs | None = program_graphs(config, name=name)
         self.chunk_kernels = ChunkKernels(config)

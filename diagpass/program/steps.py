@@ -72,35 +72,60 @@ class VariantPlan:
     after a ``head`` (:func:`diagpass.lower.with_carry`). ``None``: no such pair was found."""
 
 
+_IN_PLACE = ("members live in the stack",)
+
+
 class WeightStacks(torch.nn.Module):
     """Per-layer inputs (weights, buffers) stacked once as ``[L, ...]``.
 
     Restacked only when an input changed: another tensor, or an in-place update
     (``Tensor._version``), so a stale copy is never used. The stacks cost one extra
-    copy of the per-layer weights; ``extra_bytes`` reports it.
+    copy of the per-layer weights; ``extra_bytes`` reports it. With ``in_place``
+    (``weights_in_stack``), the members are moved into their stack instead (each becomes a view
+    of its lane, ``tensor.data = stack[l]``): no extra copy, and in-place updates (an optimizer
+    step) write the stack itself, so nothing is restacked.
     """
 
-    def __init__(self, layouts: list[list[int]]) -> None:
+    def __init__(self, layouts: list[list[int]], *, in_place: bool = False) -> None:
         super().__init__()
         self.layouts = layouts  # per stack: positions of its members in forward's args
-        self._stamps: list[tuple[Any, ...] | None] = [None] * len(layouts)
+        self.in_place = in_place
+        self._stamps: list[tuple[Any, ...] | None] = [None] * len(layouts)  # _IN_PLACE: members live in the stack
         self._stacks: list[torch.Tensor | None] = [None] * len(layouts)
 
     @property
     def extra_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self._stacks if s is not None)
+        """Bytes the stacks hold beyond the members' own storage (0 for stacks the members live in)."""
+        return sum(
+            stack.numel() * stack.element_size()
+            for stack, stamp in zip(self._stacks, self._stamps)
+            if stack is not None and stamp != _IN_PLACE
+        )
+
+    def _refresh(self, i: int, tensors: list[torch.Tensor]) -> None:
+        """Stack ``tensors`` unless stack ``i`` is up to date (or they live in it)."""
+        stack = self._stacks[i]
+        if self._stamps[i] == _IN_PLACE and stack is not None and _lanes_of(stack, tensors):
+            return  # the members are views of the stack's lanes: it is current by construction
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+        if stamp == self._stamps[i]:
+            return
+        with torch.no_grad():
+            stack = torch.stack([t.detach() for t in tensors])  # [L, ...]
+        self._stacks[i] = stack
+        self._stamps[i] = stamp
+        counters["diagpass"]["weight_restacks"] += 1
+        if self.in_place and all(t.is_leaf and t._base is None for t in tensors):
+            for lane, tensor in enumerate(tensors):
+                tensor.data = stack[lane]  # the member now lives in the stack (its values unchanged)
+            self._stamps[i] = _IN_PLACE
+            counters["diagpass"]["weights_moved_into_stacks"] += len(tensors)
 
     def forward(self, *members: torch.Tensor) -> list[torch.Tensor | TrainableStack]:
         """The stacks; with autograd on, a stack whose members require grad comes as a
         :class:`TrainableStack`, whose lanes send their gradients to those members."""
         for i, layout in enumerate(self.layouts):
-            tensors = [members[j] for j in layout]
-            stamp = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
-            if stamp != self._stamps[i]:
-                with torch.no_grad():
-                    self._stacks[i] = torch.stack([t.detach() for t in tensors])  # [L, ...]
-                self._stamps[i] = stamp
-                counters["diagpass"]["weight_restacks"] += 1
+            self._refresh(i, [members[j] for j in layout])
         stacks: list[torch.Tensor | TrainableStack] = list(self._stacks)  # type: ignore[arg-type]
         if torch.is_grad_enabled():
             for i, layout in enumerate(self.layouts):
@@ -108,6 +133,21 @@ class WeightStacks(torch.nn.Module):
                 if any(t.requires_grad for t in tensors):
                     stacks[i] = TrainableStack(self._stacks[i], tensors)  # type: ignore[arg-type]
         return stacks
+
+
+def _lanes_of(stack: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are exactly the lanes of ``stack`` (same storage, offsets, shapes)."""
+    if len(tensors) != stack.shape[0]:
+        return False
+    storage = stack.untyped_storage().data_ptr()
+    return all(
+        t.untyped_storage().data_ptr() == storage
+        and t.storage_offset() == stack.storage_offset() + lane * stack.stride(0)
+        and t.shape == stack.shape[1:]
+        and t.stride() == stack.stride()[1:]
+        and t.dtype == stack.dtype
+        for lane, t in enumerate(tensors)
+    )
 
 
 class _StackLanes(torch.autograd.Function):

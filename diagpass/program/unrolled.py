@@ -237,7 +237,7 @@ def build_unrolled(
                 member_nodes.append(m)
         layouts.append([member_pos[m] for m in members])
 
-    stacks = WeightStacks(layouts)
+    stacks = WeightStacks(layouts, in_place=config.weights_in_stack)
     runner = StepRunner(groups, plans, compiler, config)
     root = torch.nn.Module()
     root.add_module("stacks", stacks)
