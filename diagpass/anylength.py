@@ -722,7 +722,18 @@ def compile(  # noqa: A001 - the public name the issue asks for
         train_plan = plan_program(
             proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
         )
-        training = DiagonalProgram(train_plan, config=train_config, compiler=step_compiler, name="diagpass.compile training program")
+        detach, returned_detached = _truncation(
+            [(num_segments, analysis, mapping)] + [(2, extra_analysis, m) for _, m, _, extra_analysis in cut_probes]
+        )
+        for each_plan in (program_plan, train_plan):
+            each_plan.detach = detach
+            redetach_outputs(each_plan.post[0], returned_detached)
+            if detach is not None:
+                each_plan.decisions.append(detach.describe() + ": detached before stacking, with autograd on")
+        training = DiagonalProgram(
+            train_plan, config=train_config, compiler=step_compiler, name="diagpass.compile training program",
+            share_stacks=program,
+        )
     except RerollError as error:
         raise GeneralisationError(f"diagpass.compile: {error}") from error
     report.prove_s = time.perf_counter() - prove_start + verdict.analysis_s
@@ -765,6 +776,27 @@ def compile(  # noqa: A001 - the public name the issue asks for
     )
 
 
+def _truncation(probes: list[tuple[int, Any, _Mapping]]) -> tuple[DetachRule | None, list[int]]:
+    """Truncated BPTT over the probes (``(segments, analysis, mapping)``, the user's probe first):
+    the rule of which cells read their recurrent inputs detached, fitted on every probe, and the
+    post outputs the model returned detached (the same in every probe). Raises
+    :class:`~diagpass.passes.reroll.RerollError` where no rule fits."""
+    observations = [(segments, analysis.templates.detached) for segments, analysis, _ in probes]
+    try:
+        rule = fit_detach_windows(observations) if any(table for _, table in observations) else None
+    except ValueError as error:
+        raise RerollError(f"truncated BPTT not proven for other lengths: {error}") from error
+    returned: list[set[Hashable]] = []
+    for _, analysis, probe_map in probes:
+        returned.append({probe_map.translate(("out", p)) for p in analysis.detaches.output_positions})
+    if any(other != returned[0] for other in returned[1:]):
+        raise RerollError("the outputs the forward returns detached depend on the number of segments")
+    positions = sorted(source[1] for source in returned[0])  # type: ignore[index]
+    if any(source[0] != "out" for source in returned[0]):  # type: ignore[index]
+        raise RerollError("the forward returns one segment's output detached (not the last's)")
+    return rule, positions
+
+
 def _find_segment_counters(mapping: _Mapping, extra_maps: list[_Mapping], num_segments: int) -> None:
     """Int attributes that count the segments (the reference's ``seg_num``, when it is not reset):
     ``segments + offset`` after every probe. Their sources become ``("count", offset)``."""
@@ -773,14 +805,6 @@ def _find_segment_counters(mapping: _Mapping, extra_maps: list[_Mapping], num_se
     for where, source in list(mapping.writes.items()):
         if source[0] != "const" or type(source[1]) is not int:  # type: ignore[index]
             continue
-        detach, returned_detached = _truncation(
-            [(num_segments, analysis, mapping)] + [(2, extra_analysis, m) for _, m, _, extra_analysis in cut_probes]
-        )
-        for each_plan in (program_plan, train_plan):
-            each_plan.detach = detach
-            redetach_outputs(each_plan.post[0], returned_detached)
-            if detach is not None:
-                each_plan.decisions.append(detach.describe() + ": detached before stacking, with autograd on")
         offset = source[1] - num_segments  # type: ignore[index]
         if all(m.writes.get(where) == ("const", 2 + offset) for m in extra_maps):
             for probe_map in [mapping, *extra_maps]:
@@ -824,27 +848,6 @@ def _value_of(
 ) -> Any:
     """The value a mapped source names: a graph output, one segment's entry of a per-segment
     output, a graph input (by key), a constant, or a count of the ``segments``."""
-def _truncation(probes: list[tuple[int, Any, _Mapping]]) -> tuple[DetachRule | None, list[int]]:
-    """Truncated BPTT over the probes (``(segments, analysis, mapping)``, the user's probe first):
-    the rule of which cells read their recurrent inputs detached, fitted on every probe, and the
-    post outputs the model returned detached (the same in every probe). Raises
-    :class:`~diagpass.passes.reroll.RerollError` where no rule fits."""
-    observations = [(segments, analysis.templates.detached) for segments, analysis, _ in probes]
-    try:
-        rule = fit_detach_windows(observations) if any(table for _, table in observations) else None
-    except ValueError as error:
-        raise RerollError(f"truncated BPTT not proven for other lengths: {error}") from error
-    returned: list[set[Hashable]] = []
-    for _, analysis, probe_map in probes:
-        returned.append({probe_map.translate(("out", p)) for p in analysis.detaches.output_positions})
-    if any(other != returned[0] for other in returned[1:]):
-        raise RerollError("the outputs the forward returns detached depend on the number of segments")
-    positions = sorted(source[1] for source in returned[0])  # type: ignore[index]
-    if any(source[0] != "out" for source in returned[0]):  # type: ignore[index]
-        raise RerollError("the forward returns one segment's output detached (not the last's)")
-    return rule, positions
-
-
     kind, what = source[:2]  # type: ignore[index]
     if kind == "count":
         assert segments is not None
