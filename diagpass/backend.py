@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 from diagpass.capture import trace_clock
 from diagpass.config import DiagbatchConfig, parse_options, training_config
 from diagpass.errors import ConfigError, DiagpassError, StructureError, through_dynamo
+from diagpass.generate import install_generate_hook
 from diagpass.lower import StepCompiler
 from diagpass.passes import CellLabels
 from diagpass.passes.detach import STRIPPED_META, redetach_outputs, restore_detaches
@@ -313,6 +314,10 @@ def diagbatch(
         return result
 
     return run
+
+
+diagbatch._diagpass_backend = True  # type: ignore[attr-defined]  # how diagpass.generate's hook recognises its traces
+install_generate_hook()  # HF generate: a graph break under diagbatch traces (README, generation)
 
 
 def _input_keys(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:

@@ -26,7 +26,11 @@ the same calls.
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import importlib.util
 import logging
+import sys
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diagpass.generate")
 
-__all__ = ["GenerateRecord", "NotApplicable", "SegmentLoop", "generate"]
+__all__ = ["GenerateRecord", "NotApplicable", "SegmentLoop", "generate", "install_generate_hook"]
 
 _HISTORY = 32
 
@@ -530,3 +534,129 @@ def _log(fast: AnyLengthModel, record: GenerateRecord) -> None:
         log.info("diagpass generate: %s", record)
     else:
         log.debug("diagpass generate: %s", record)
+
+
+# -- torch.compile(model.generate, backend="diagbatch") ---------------------------------------------------
+#
+# Dynamo traces a model's generate as one frame. Its segment loop is a graph the backend batches on
+# the diagonal; Hugging Face ``generate`` after it is not: traced, it breaks on every data-dependent
+# stop test under its ``torch.no_grad`` decorator (a break Dynamo cannot resume there, so the whole
+# calling frame falls back to per-segment frames), then recompiles as the KV cache grows and falls
+# back to dynamic shapes: tens of seconds of compile for graphs that gain nothing. So, under a
+# ``diagbatch`` trace only, a call of ``GenerationMixin.generate`` is a graph break and runs the
+# model's own decoding eagerly, Dynamo off inside it: what ``fast.generate`` runs after its prefill.
+
+_DIAGBATCH_MARK = "_diagpass_backend"
+"""Attribute set on the backend function (``functools.wraps`` copies it onto Dynamo's wrappers)."""
+_HOOKED = "_diagpass_generate_hook"
+
+
+@torch._dynamo.assume_constant_result
+def _tracing_for_diagbatch() -> bool:
+    """At trace time (a constant of the traced code): whether the frame is compiled by ``diagbatch``.
+    Unknown torch internals answer False: HF ``generate`` is then traced, as without diagpass."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        backend: Any = tx.output.compiler_fn
+    except Exception:  # not tracing, or another torch layout
+        return False
+    for _ in range(8):  # Dynamo's wrappers: WrapBackendDebug, torch.compile's _TorchCompileWrapper, partial
+        if backend is None:
+            return False
+        if getattr(backend, _DIAGBATCH_MARK, False):
+            _warn_if_the_frame_is_lost(tx)
+            return True
+        backend = next(
+            (getattr(backend, name) for name in ("_torchdynamo_orig_backend", "compiler_fn", "func", "__wrapped__") if hasattr(backend, name)),
+            None,
+        )
+    return False
+
+
+def _warn_if_the_frame_is_lost(tx: Any) -> None:
+    """Dynamo cannot end a graph inside a ``try`` block or a user context manager: then it drops the
+    whole frame traced so far (the segment loop with it) and compiles each segment's frame alone,
+    which diagbatch cannot batch. Say so once, where it happens, rather than only per segment."""
+    try:
+        graceful = tx.should_compile_partial_graph()
+        ops = sum(1 for node in tx.output.graph.nodes if node.op in ("call_function", "call_method", "call_module"))
+        where = f"{tx.f_code.co_name} ({tx.f_code.co_filename}:{tx.lineno})"
+    except Exception:  # another torch layout: the per-graph fallback reasons still say it
+        return
+    if not graceful and ops:
+        from torch._dynamo.utils import counters
+
+        counters["diagpass"]["generate_frames_lost"] += 1
+        log.warning(
+            "diagbatch: Hugging Face generate is called inside a try block or context manager of %s: Dynamo cannot "
+            "end the prefill graph there, so it runs that frame eagerly and the segments are not batched. Call "
+            "HF generate outside any try/with block of the compiled function (README, generation), or use "
+            "diagpass.compile(model, probe).generate(...)",
+            where,
+        )
+
+
+def _eager_generate(original: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from torch._dynamo.utils import counters
+
+    counters["diagpass"]["eager_hf_generate"] += 1
+    log.info(
+        "diagbatch: %s.generate (Hugging Face) runs eagerly, not traced: decoding is the model's own code",
+        type(model).__name__,
+    )
+    return original(model, *args, **kwargs)
+
+
+_run_eagerly = torch._dynamo.disable(_eager_generate, recursive=True)
+
+
+def _hook(cls: type) -> None:
+    """Wrap ``cls.generate`` (HF ``GenerationMixin``) so that a ``diagbatch`` trace breaks the graph at it."""
+    original = cls.__dict__.get("generate")
+    if original is None or getattr(original, _HOOKED, False):
+        return
+
+    @functools.wraps(original)
+    def generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and _tracing_for_diagbatch():
+            return _run_eagerly(original, self, args, kwargs)
+        return original(self, *args, **kwargs)
+
+    setattr(generate, _HOOKED, True)
+    cls.generate = generate  # type: ignore[attr-defined]
+
+
+_GENERATION_MODULE = "transformers.generation.utils"
+
+
+class _HookOnImport(importlib.abc.MetaPathFinder):
+    """Hooks ``GenerationMixin`` right after transformers imports it (diagpass was imported first)."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _GENERATION_MODULE:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without us, once
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        execute = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            _hook(module.GenerationMixin)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def install_generate_hook() -> None:
+    """Make ``GenerationMixin.generate`` a graph break under ``diagbatch`` traces (now, or when
+    transformers imports it). Idempotent; eager calls and other backends' traces are unchanged."""
+    module = sys.modules.get(_GENERATION_MODULE)
+    if module is not None:
+        _hook(module.GenerationMixin)
+    elif not any(isinstance(finder, _HookOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HookOnImport())

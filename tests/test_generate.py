@@ -286,3 +286,115 @@ def test_smollm2_fast_generate_greedy_tokens_equal_at_1_4_and_9_segments() -> No
         prompt = ids[:, : segments * segment - 5]
         _same_tokens(fast, prompt, max_new_tokens=8, do_sample=False)
         assert fast.report.generations[-1].path == ("own" if segments < 3 else "diagonal"), fast.report
+
+
+# --- torch.compile(model.generate, backend="diagbatch") ------------------------------------------------
+
+
+def _prefill_records(since: int) -> list[diagpass.CompileRecord]:
+    """The graphs diagbatch compiled after ``since`` records that hold decoder layers."""
+    return [r for r in diagpass.compile_history()[since:] if r.num_layers]
+
+
+def _compiled_generate(model: torch.nn.Module) -> Any:
+    torch._dynamo.reset()  # a fresh trace: the test asserts on what the backend received
+    return torch.compile(model.generate, backend="diagbatch", options=EAGER_STEPS, dynamic=False)
+
+
+def test_torch_compile_of_the_zoo_generate_batches_its_prefill_graph() -> None:
+    """The segment loop before HF generate is one graph, run as a diagonal program; HF generate runs
+    eagerly (a graph break, Dynamo off inside): greedy and sampled tokens equal the model's own."""
+    from torch._dynamo.utils import counters
+
+    model = models.tiny_armt()
+    ids, mask = _left_padded(2, 3 * T + 5, [0, 4], seed=11)
+    generate = _compiled_generate(model)
+    since, eager_before = len(diagpass.compile_history()), counters["diagpass"]["eager_hf_generate"]
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        got = generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+        records = _prefill_records(since)
+        assert len(records) == 1, [str(r) for r in records]  # one graph: the 3 full segments, nothing per token
+        (prefill,) = records
+        assert prefill.applied and prefill.path == "diagonal program" and not prefill.training, prefill
+        assert (prefill.num_layers, prefill.num_segments, prefill.num_steps) == (2, 3, 2 + 3 - 1)
+        assert counters["diagpass"]["eager_hf_generate"] == eager_before + 1
+        assert all(layer.W_mem is None and not layer.read_only for layer in model.layers)  # reset, as its own
+        for seed in (3, 4):  # sampling: the same draws (the prefill draws none), same seed, same tokens
+            kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=0.9, pad_token_id=0)
+            torch.manual_seed(seed)
+            want = model.generate(ids, **kwargs)
+            torch.manual_seed(seed)
+            got = generate(ids, **kwargs)
+            assert torch.equal(got, want), f"seed {seed}: {got.tolist()} != {want.tolist()}"
+    assert len(_prefill_records(since)) == 1  # HF generate's arguments only pass through: no new trace
+    assert counters["diagpass"]["eager_hf_generate"] == eager_before + 3
+    torch._dynamo.reset()
+
+
+def test_torch_compile_of_a_reference_style_generate_with_autograd_on() -> None:
+    """The reference's generate (no try block, the cell's own generate around HF's) with autograd on,
+    as a plain call would be: the prefill graph runs the training program; tokens equal."""
+    model = reference_style_armt()
+    ids = _ids(1, 4 * 8 + 3, seed=5)
+    generate = _compiled_generate(model)
+    since = len(diagpass.compile_history())
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    got = generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+    (prefill,) = _prefill_records(since)
+    assert prefill.applied and prefill.path == "diagonal program" and prefill.training, prefill
+    assert prefill.num_segments == 4
+    assert all(not layer.generate_mode and layer.first_seg for layer in model.memory_cell.layers)
+    torch._dynamo.reset()
+
+
+class _DecodesInsideATryBlock(models.ARMT):
+    """Resets in a ``finally`` around the HF generate call: Dynamo cannot end a graph there."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        end = ((input_ids.shape[1] - 1) // self.segment_size) * self.segment_size
+        self.reset_memory()
+        try:
+            for start in range(0, end, self.segment_size):
+                embeds, mask = self._segment_inputs(input_ids, attention_mask, start, start + self.segment_size)
+                self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            self._set_read_only(True)
+            return self.model.generate(inputs_embeds=self.model.get_input_embeddings()(input_ids[:, end:]), **kwargs)
+        finally:
+            self._set_read_only(False)
+            self.reset_memory()
+
+
+def test_torch_compile_of_a_generate_that_decodes_inside_a_try_block_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    model = models.tiny_armt()
+    model.__class__ = _DecodesInsideATryBlock
+    ids = _ids(1, 3 * T + 2, seed=2)
+    generate = _compiled_generate(model)
+    since = len(diagpass.compile_history())
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="diagpass.generate"):
+        want = model.generate(ids, max_new_tokens=3, do_sample=False)
+        got = generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)  # correct, but the segments were not batched: said, not silent
+    assert "inside a try block" in caplog.text and "not batched" in caplog.text
+    assert not any(r.applied for r in diagpass.compile_history()[since:])
+    torch._dynamo.reset()
+
+
+def test_the_generate_hook_engages_under_diagbatch_traces_only() -> None:
+    from diagpass.generate import _tracing_for_diagbatch
+
+    def marked(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if _tracing_for_diagbatch() else x
+
+    x = torch.zeros(2)
+    assert not _tracing_for_diagbatch()  # eager
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(marked, backend="eager")(x), x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(marked, backend="diagbatch", options=EAGER_STEPS)(x), x + 1)
+    torch._dynamo.reset()
+    from transformers.generation.utils import GenerationMixin
+
+    assert getattr(GenerationMixin.generate, "_diagpass_generate_hook", False)

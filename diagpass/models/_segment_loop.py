@@ -202,7 +202,17 @@ class SegmentedMemoryLM(nn.Module):
                 self.model(inputs_embeds=seg_embeds, attention_mask=seg_mask, use_cache=False)
             last_embeds = self.model.get_input_embeddings()(input_ids[:, prefill_end:])  # [B, t, d], no memory rows
             last_mask = None if attention_mask is None else attention_mask[:, prefill_end:]  # [B, t]
-            self._set_read_only(True)
+        except BaseException:
+            self.reset_memory()
+            raise
+        # Decoding is a call of its own, outside any try block here: torch.compile(model.generate)
+        # can then end the prefill's graph at this call (Dynamo cannot break a graph inside a try).
+        return self._decode(last_embeds, last_mask, generate_kwargs)
+
+    def _decode(self, last_embeds: torch.Tensor, last_mask: torch.Tensor | None, generate_kwargs: dict[str, Any]) -> Any:
+        """HF ``generate`` on the last segment with every layer read-only; the memory is reset after."""
+        self._set_read_only(True)
+        try:
             return self.model.generate(inputs_embeds=last_embeds, attention_mask=last_mask, **generate_kwargs)
         finally:
             self._set_read_only(False)
