@@ -24,6 +24,7 @@ naming the node and source line.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -360,7 +361,9 @@ class AnyLengthModel(torch.nn.Module):
         traced as they were, so another mode needs its own program (:attr:`_by_mode`)."""
         self._by_mode: dict[tuple[bool, ...], AnyLengthModel | str] = {}
         """Programs compiled from the same probe in other modes, or why that failed."""
-        self.config = config
+        self.diagbatch_config = config
+        """The validated options (:class:`~diagpass.DiagbatchConfig`). ``config`` is the model's own
+        (Hugging Face convention: ``Trainer`` and ``generate`` read and write ``model.config``)."""
         self.options = dict(options or {})
         """The options :func:`compile` was given (the prefill programs of ``generate`` use them too)."""
         self.report = report
@@ -412,6 +415,28 @@ class AnyLengthModel(torch.nn.Module):
         segments = math.ceil(tokens / T)
         return tokens, segments, tokens - (segments - 1) * T
 
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the model's forward takes ``**kwargs`` (HF ``Trainer`` then passes
+        ``num_items_in_batch``). The wrapper's own ``forward(*args, **kwargs)`` says nothing about it."""
+        model = self.model
+        if hasattr(model, "accepts_loss_kwargs"):
+            return bool(model.accepts_loss_kwargs)
+        parameters = inspect.signature(model.forward).parameters.values()
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the wrapped model, as ``torch.compile``'s
+        ``OptimizedModule`` does: ``fast.config`` (the model's config), ``fast.can_generate()``,
+        ``fast.get_input_embeddings()``... so code written for the model (HF ``Trainer``) takes it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -423,7 +448,7 @@ class AnyLengthModel(torch.nn.Module):
             return self._in_other_mode(modes, (tokens, segments, last), start, args, kwargs)
         record = RunRecord(tokens=tokens, segments=segments, last_length=last, path="diagonal")
         autograd = self._autograd_on()
-        if autograd and self.config.pipeline:
+        if autograd and self.diagbatch_config.pipeline:
             raise ConfigError(
                 "diagpass.compile(options={'pipeline': True}) runs inference only: call it under torch.no_grad() "
                 "(training is not pipelined yet)"

@@ -203,7 +203,7 @@ def single_process_twin(fast: AnyLengthModel) -> AnyLengthModel:
     twin = copy.copy(fast)
     twin.__dict__ = dict(fast.__dict__)  # nn.Module keeps its state in __dict__: copy it, share the model
     twin.program = DiagonalProgram(program.plan, config=config, compiler=program.compiler, name="single-process twin")
-    twin.config = config
+    twin.diagbatch_config = config
     twin.report = dataclasses.replace(fast.report, runs=[], generations=[], pipeline=None)
     return twin
 

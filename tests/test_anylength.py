@@ -272,7 +272,7 @@ def test_min_lanes_pads_the_ramps() -> None:
     steady = [len(g.lanes) for g in layout.groups if g.variant == 0]
     first = [len(g.lanes) for g in layout.groups if g.variant == 1]
     assert set(steady) == {4} and set(first) == {1}  # the first segment is never padded
-    assert diagpass.compile(model, _ids(1, 12)).config.min_lanes == 4  # diagpass.compile default
+    assert diagpass.compile(model, _ids(1, 12)).diagbatch_config.min_lanes == 4  # diagpass.compile default
 
 
 # --- errors name the user's code, probes that prove nothing are input errors ---------------------
@@ -527,7 +527,7 @@ def test_inductor_model_families_any_length_exact(family: Any) -> None:
     probe = _ids(2, 12, vocab)
     kwargs = {"labels": probe} if family is PerSegmentKeys else {}
     fast = diagpass.compile(model, probe, **kwargs)
-    assert fast.config.compiler == "inductor"
+    assert fast.diagbatch_config.compiler == "inductor"
     for length in [28, 30]:
         ids = _ids(2, length, vocab, seed=length)
         call = {"labels": ids} if kwargs else {}

@@ -311,3 +311,22 @@ def test_hf_trainer_trains_the_compiled_model_like_the_eager_one(tmp_path: Any) 
         moved += not torch.equal(param, before[name])
         assert max_rel_err(param.detach(), want.detach()) <= 1e-5, name
     assert moved > 0.9 * len(before)
+
+
+def test_hf_trainer_trains_the_diagpass_compile_module_like_the_eager_one(tmp_path: Any) -> None:
+    """The module ``diagpass.compile`` returns goes to ``Trainer`` as is: its ``config`` is the
+    model's (the diagbatch options are ``diagbatch_config``), the batches' length is another than
+    the probe's, and the parameters end where the eager Trainer run ends."""
+    model = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8).train()
+    eager = copy.deepcopy(model)
+    # Probed the way Trainer calls: keywords, and the token count of the batch (a tensor).
+    probe = _ids(2, 24)
+    fast = diagpass.compile(model, input_ids=probe, labels=probe, num_items_in_batch=torch.tensor(48.0), options=EAGER)
+    assert fast.config is model.config and fast.diagbatch_config.compiler == "eager"
+    losses = _train(fast, str(tmp_path / "diagonal"))
+    runs = fast.report.runs
+    assert runs and all(run.path == "diagonal" and run.autograd for run in runs), runs[-1]
+    eager_losses = _train(eager, str(tmp_path / "eager"))
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, param in model.named_parameters():
+        assert max_rel_err(param.detach(), dict(eager.named_parameters())[name].detach()) <= 1e-5, name
