@@ -92,10 +92,10 @@ def _cases(name: str, world: int) -> dict[str, Any]:
         linear = models.build_linear_memory(segment_size=8, d_key=8)
         return {"linear": _check_model(linear, 8, [29, 29, 56])}
     if name == "four":
-        four = models.tiny_llama_config(num_hidden_layers=4)
-        armt = models.build_armt(config=four, segment_size=8, num_mem_tokens=2, d_mem=8)
+        # One model keeps the 4-process test within the CI budget on 2 cores: 5 GPT-2 layers give
+        # uneven stages, and a short last segment.
         gpt2 = models.build_armt(base="gpt2", config=models.tiny_gpt2_config(n_layer=5), segment_size=8, num_mem_tokens=2, d_mem=8)
-        result = {"armt": _check_model(armt, 8, [56, 56, 45]), "gpt2": _check_model(gpt2, 8, [61, 61])}
+        result = {"gpt2": _check_model(gpt2, 8, [61, 61])}
         too_many = models.build_armt(segment_size=8, num_mem_tokens=2, d_mem=8)  # 2 layers over 4 ranks
         try:
             diagpass.compile(too_many, _ids(24, too_many.config.vocab_size, 0), options=OPTIONS)
@@ -196,11 +196,10 @@ def test_two_ranks_linear_memory() -> None:
 
 @pytest.mark.slow
 def test_four_ranks_equal_the_single_process_program_and_eager() -> None:
-    """4 ranks: ARMT on 4 Llama layers, ARMT on 5 GPT-2 layers (uneven stages); 2 layers over 4
-    ranks is refused."""
+    """4 ranks: ARMT on 5 GPT-2 layers (uneven stages, a short last segment); 2 layers over 4 ranks
+    is refused."""
     results = _spawn("four", 4)
-    for model in ("armt", "gpt2"):
-        _assert_exact(results, model, 4)
+    _assert_exact(results, "gpt2", 4)
     assert [r["gpt2"]["runs"][0]["stats"]["layers"] for r in results] == [(0, 1), (2,), (3,), (4,)]
     for result in results:
         assert "4 ranks but the model has 2 layers" in result["too_many"], result["too_many"]
