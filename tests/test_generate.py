@@ -398,3 +398,46 @@ def test_the_generate_hook_engages_under_diagbatch_traces_only() -> None:
     from transformers.generation.utils import GenerationMixin
 
     assert getattr(GenerationMixin.generate, "_diagpass_generate_hook", False)
+
+
+def test_the_prefill_program_has_the_schedule_of_fast(zoo: tuple[models.ARMT, diagpass.AnyLengthModel]) -> None:
+    """The prefill loop is compiled with fast's options: the same schedule settings as ``fast(...)``
+    (min_lanes, padding, CUDA graphs...), with diagpass.compile's defaults and with min_lanes=1."""
+    model, default = zoo
+    fast = diagpass.compile(model, _ids(1, 3 * T), options={**EAGER_STEPS, "min_lanes": 1})
+    for each, min_lanes in ((default, 4), (fast, 1)):
+        _same_tokens(each, _ids(1, 4 * T + 1), max_new_tokens=1, do_sample=False)
+        programs = [entry for entry in each._prefill_programs.values() if not isinstance(entry, str)]
+        assert programs and all(prefill.program.config == each.program.config for _, prefill in programs)
+        assert each.program.config.min_lanes == min_lanes
+
+
+def test_a_generate_that_renames_an_attribute_between_segment_calls_runs_its_own() -> None:
+    """The state check per segment call compares names too, not only the objects bound: renaming
+    the last attribute of a layer (same count, same objects in the same order) is a change."""
+
+    class _RenamesAFlag(RecurrentWrapper):
+        def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+            self.memory_cell.zero_mem()
+            segmented = self.segment(input_ids=input_ids)
+            state = vars(self.memory_cell.layers[-1])
+            state["hint"] = False  # the layer's last attribute
+            for index, segment in enumerate(segmented[:-1]):
+                if index == 1:
+                    state["hint_"] = state.pop("hint")
+                self.memory_cell(**segment, zero_mem=False)
+            del state["hint_"]
+            out = self.memory_cell.generate(**segmented[-1], attention_mask=None, zero_mem=False, **kwargs)
+            self.memory_cell.zero_mem()
+            return out
+
+    model = reference_style_armt()
+    model.__class__ = _RenamesAFlag
+    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+    ids = _ids(1, 4 * 8 + 1)
+    want = model.generate(ids, max_new_tokens=2, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(got, want)
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "changes the model's state" in (record.reason or ""), record
+    assert "hint" not in vars(model.memory_cell.layers[-1]) and "hint_" not in vars(model.memory_cell.layers[-1])
