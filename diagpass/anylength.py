@@ -617,25 +617,8 @@ def compile(  # noqa: A001 - the public name the issue asks for
             analysis.labels.num_segments,
             lambda value, what: mapping.translate(mapping.source_of(value, what)),
         )
-    length_dims = {key[1]: dim for key, dim in axes.items() if key[0] == "arg"}  # type: ignore[index]
-    if not length_dims:
-        raise GeneralisationError("diagpass.compile: the segmented input is not an argument of the call")
-    tokens = {arg_leaves[i].shape[d] for i, d in length_dims.items()}
-    if len(tokens) != 1:
-        raise GeneralisationError(f"diagpass.compile: the segmented inputs disagree on the length: {tokens}")
-    n_tokens = tokens.pop()
     num_segments = analysis.labels.num_segments
-    if math.ceil(n_tokens / segment) != num_segments:
-        raise GeneralisationError(
-            f"diagpass.compile: {n_tokens} tokens in segments of {segment} should make "
-            f"{math.ceil(n_tokens / segment)} segments, but the forward ran {num_segments}"
-        )
-    # Other tensor arguments with the same length on the same dim are cut along with them.
-    for i, leaf in enumerate(arg_leaves):
-        if i not in length_dims and isinstance(leaf, torch.Tensor):
-            dim = next(iter(length_dims.values()))
-            if leaf.dim() > dim and leaf.shape[dim] == n_tokens:
-                length_dims[i] = dim
+    length_dims, n_tokens = _segmented_inputs(arg_leaves, axes, segment, num_segments)
 
     last = n_tokens - (num_segments - 1) * segment
     probes = [
@@ -649,118 +632,22 @@ def compile(  # noqa: A001 - the public name the issue asks for
     report.probes.append((num_segments, last))
     extra_maps: list[_Mapping] = []
     keep_alive: list[Any] = [captured]
-
-    def cut_probe(last_length: int) -> tuple[Probe, _Mapping, Capture]:
-        """Trace the forward on 2 segments, the last of ``last_length``."""
-        # One cut per distinct tensor: `model(ids, labels=ids)` must trace with one input again.
-        cuts: dict[int, Any] = {}
-        cut = [
-            cuts.setdefault(id(leaf), _cut(leaf, length_dims[i], segment + last_length)) if i in length_dims else leaf
-            for i, leaf in enumerate(arg_leaves)
-        ]
-        cut_args, cut_kwargs = pytree.tree_unflatten(cut, arg_spec)
-        extra, extra_before = _capture_once(model, tuple(cut_args), dict(cut_kwargs))
-        keep_alive.append(extra)
-        report.trace_s.append(extra.trace_s)
-        extra_gm = extra.graph_module
-        assert extra_gm is not None
-        extra_analysis = analyze_graph(extra_gm)
-        if not extra_analysis.report.ok:
-            raise GeneralisationError(
-                f"diagpass.compile: with 2 segments (the last of {last_length}) the structure is not proven: "
-                f"{extra_analysis.report.reason}"
-            )
-        extra_map = _map_probe(model, extra, cut, extra_before)
-        extra_split = split_units(extra_gm.graph, extra_analysis.labels)
-        try:
-            cut_size = find_length_axes(extra_split, extra_map.keys)[0]
-        except RerollError as error:
-            raise _NoShortTail(str(error)) from error
-        if cut_size != segment:  # torch.chunk into ceil(n / T) parts: parts of T only when T divides n
-            raise _NoShortTail(f"{segment + last_length} tokens are cut into segments of {cut_size}, not {segment}")
-        if mapping.groups is not None:
-            extra_map.groups = group_segment_outputs(extra_gm.graph, extra_split)
-            mapping.recipe.check(  # type: ignore[union-attr]
-                extra.returned,
-                2,
-                lambda value, what, m=extra_map: m.translate(m.source_of(value, what)),
-                f"the cut probe of 2 segments (the last of {last_length})",
-            )
-        probe = Probe(graph=extra_gm.graph, labels=extra_analysis.labels, keys=extra_map.keys, segment_lengths=[segment, last_length])
-        return probe, extra_map, extra, extra_analysis
-
-    try:
-        cut_probes = [cut_probe(short) for short in _short_lengths(segment, {last})]
-    except (_NoShortTail, GeneralisationError, StructureError) as error:
-        if last != segment:
-            raise
-        # The model cuts no short last segment of T (a view into (S, T), or torch.chunk): prove full
-        # segments only; other lengths run the model itself, with the reason in the report.
-        no_short_tail = f"{error}" if isinstance(error, _NoShortTail) else f"a short last segment is not proven: {error}"
-        log.info("diagpass.compile: %s; proving full segments only", no_short_tail)
-        keep_alive[1:] = []
-        report.trace_s[1:] = []
-        cut_probes = [cut_probe(segment)]
-    except Exception as error:  # noqa: BLE001 - the model's own forward raised on a short last segment
-        if last != segment or isinstance(error, DiagpassError):
-            raise
-        log.info("diagpass.compile: the forward raises on a short last segment (%s); proving full segments only", error)
-        keep_alive[1:] = []
-        report.trace_s[1:] = []
-        cut_probes = [cut_probe(segment)]
+    prober = _CutProber(
+        model=model, arg_leaves=arg_leaves, arg_spec=arg_spec, length_dims=length_dims, segment=segment,
+        mapping=mapping, report=report, keep_alive=keep_alive,
+    )
+    cut_probes = prober.all(last)
     for probe, extra_map, _, _ in cut_probes:
         extra_maps.append(extra_map)
         probes.append(probe)
         report.probes.append((2, probe.segment_lengths[-1]))
-    written = set(mapping.changed).union(*(m.changed for m in extra_maps))
-    for probe_map in [mapping, *extra_maps]:
-        probe_map.writes = {where: probe_map.translate(src) for where, src in probe_map.writes_of(written).items()}
-        early = [".".join(filter(None, where)) for where, src in probe_map.writes.items() if src[0] == "each"]  # type: ignore[index]
-        if early:
-            raise GeneralisationError(
-                f"diagpass.compile: the forward leaves one segment's output (not the last's) in `{early[0]}`: "
-                "the value would depend on which segments exist"
-            )
-    _find_segment_counters(mapping, extra_maps, num_segments)
-    for i, other in enumerate(extra_maps, start=1):
-        if mapping.recipe is None and (other.returned[1] != mapping.returned[1] or other.returned[0] != mapping.returned[0]):
-            raise GeneralisationError(
-                f"diagpass.compile: probe {i} returns another structure than the probe: the return value depends "
-                "on the number of segments"
-            )
-        if other.writes != mapping.writes:
-            raise GeneralisationError(
-                "diagpass.compile: the state the forward writes back depends on the input length: "
-                + _describe_write_difference(mapping.writes, other.writes, report.probes[0], report.probes[i])
-            )
+    _check_state_writes(mapping, extra_maps, report, num_segments)
 
     prove_start = time.perf_counter()
-    try:
-        plan = prove_reroll(probes)
-        program_plan = plan_program(
-            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=config
-        )
-        program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
-        train_config = training_config(config)
-        if random and train_config.compiler != "eager":  # as the backend: Inductor steps gave NaN with dropout
-            train_config = replace(train_config, compiler="eager")
-        train_plan = plan_program(
-            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
-        )
-        detach, returned_detached = _truncation(
-            [(num_segments, analysis, mapping)] + [(2, extra_analysis, m) for _, m, _, extra_analysis in cut_probes]
-        )
-        for each_plan in (program_plan, train_plan):
-            each_plan.detach = detach
-            redetach_outputs(each_plan.post[0], returned_detached)
-            if detach is not None:
-                each_plan.decisions.append(detach.describe() + ": detached before stacking, with autograd on")
-        training = DiagonalProgram(
-            train_plan, config=train_config, compiler=step_compiler, name="diagpass.compile training program",
-            share_stacks=program,
-        )
-    except RerollError as error:
-        raise GeneralisationError(f"diagpass.compile: {error}") from error
+    plan, program, training = _programs(
+        probes, gm=gm, analysis=analysis, mapping=mapping, config=config, random=random,
+        truncation_probes=[(num_segments, analysis, mapping)] + [(2, extra_analysis, m) for _, m, _, extra_analysis in cut_probes],
+    )
     report.prove_s = time.perf_counter() - prove_start + verdict.analysis_s
     report.num_layers = plan.num_layers
     report.segment_size = segment
@@ -775,7 +662,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         from diagpass.program.pipeline import PipelineProgram
 
         stages = stages_for(plan.num_layers)
-        program = PipelineProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile pipeline", stages=stages)
+        program = PipelineProgram(program.plan, config=config, compiler=step_compiler, name="diagpass.compile pipeline", stages=stages)
         report.pipeline = stages.describe()
     # Restore the state the user's probe call left (the cut probes ran after it).
     _replay_writes(model, mapping, captured, num_segments)
@@ -799,6 +686,180 @@ def compile(  # noqa: A001 - the public name the issue asks for
         training=training,
         random=random,
     )
+
+
+def _segmented_inputs(
+    arg_leaves: list[Any], axes: dict[Hashable, int], segment: int, num_segments: int
+) -> tuple[dict[int, int], int]:
+    """The probe's arguments cut into segments (argument index -> its length dim) and the length:
+    the arguments the proof found cut, and any other tensor argument with the same length on
+    the same dim (cut along with them)."""
+    length_dims = {key[1]: dim for key, dim in axes.items() if key[0] == "arg"}  # type: ignore[index]
+    if not length_dims:
+        raise GeneralisationError("diagpass.compile: the segmented input is not an argument of the call")
+    tokens = {arg_leaves[i].shape[d] for i, d in length_dims.items()}
+    if len(tokens) != 1:
+        raise GeneralisationError(f"diagpass.compile: the segmented inputs disagree on the length: {tokens}")
+    n_tokens = tokens.pop()
+    if math.ceil(n_tokens / segment) != num_segments:
+        raise GeneralisationError(
+            f"diagpass.compile: {n_tokens} tokens in segments of {segment} should make "
+            f"{math.ceil(n_tokens / segment)} segments, but the forward ran {num_segments}"
+        )
+    for i, leaf in enumerate(arg_leaves):
+        if i not in length_dims and isinstance(leaf, torch.Tensor):
+            dim = next(iter(length_dims.values()))
+            if leaf.dim() > dim and leaf.shape[dim] == n_tokens:
+                length_dims[i] = dim
+    return length_dims, n_tokens
+
+
+def _check_state_writes(mapping: _Mapping, extra_maps: list[_Mapping], report: RerollReport, num_segments: int) -> None:
+    """The state every probe writes back, as sources that hold for any number of segments:
+    raises :class:`GeneralisationError` when it (or the return structure) depends on the length."""
+    written = set(mapping.changed).union(*(m.changed for m in extra_maps))
+    for probe_map in [mapping, *extra_maps]:
+        probe_map.writes = {where: probe_map.translate(src) for where, src in probe_map.writes_of(written).items()}
+        early = [".".join(filter(None, where)) for where, src in probe_map.writes.items() if src[0] == "each"]  # type: ignore[index]
+        if early:
+            raise GeneralisationError(
+                f"diagpass.compile: the forward leaves one segment's output (not the last's) in `{early[0]}`: "
+                "the value would depend on which segments exist"
+            )
+    _find_segment_counters(mapping, extra_maps, num_segments)
+    for i, other in enumerate(extra_maps, start=1):
+        if mapping.recipe is None and (other.returned[1] != mapping.returned[1] or other.returned[0] != mapping.returned[0]):
+            raise GeneralisationError(
+                f"diagpass.compile: probe {i} returns another structure than the probe: the return value depends "
+                "on the number of segments"
+            )
+        if other.writes != mapping.writes:
+            raise GeneralisationError(
+                "diagpass.compile: the state the forward writes back depends on the input length: "
+                + _describe_write_difference(mapping.writes, other.writes, report.probes[0], report.probes[i])
+            )
+
+
+def _programs(
+    probes: list[Probe],
+    *,
+    gm: torch.fx.GraphModule,
+    analysis: Any,
+    mapping: _Mapping,
+    config: DiagbatchConfig,
+    random: str | None,
+    truncation_probes: list[tuple[int, Any, _Mapping]],
+) -> tuple[Any, DiagonalProgram, DiagonalProgram]:
+    """Prove the reroll over ``probes``; plan the inference program and the training program
+    (:func:`~diagpass.config.training_config`, sharing the weight stacks) on the proof."""
+    from diagpass.backend import step_compiler
+
+    try:
+        plan = prove_reroll(probes)
+        program_plan = plan_program(
+            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=config
+        )
+        program = DiagonalProgram(program_plan, config=config, compiler=step_compiler, name="diagpass.compile program")
+        train_config = training_config(config)
+        if random and train_config.compiler != "eager":  # as the backend: Inductor steps gave NaN with dropout
+            train_config = replace(train_config, compiler="eager")
+        train_plan = plan_program(
+            proof=plan, gm=gm, labels=analysis.labels, templates=analysis.templates, keys=mapping.keys, config=train_config
+        )
+        detach, returned_detached = _truncation(truncation_probes)
+        for each_plan in (program_plan, train_plan):
+            each_plan.detach = detach
+            redetach_outputs(each_plan.post[0], returned_detached)
+            if detach is not None:
+                each_plan.decisions.append(detach.describe() + ": detached before stacking, with autograd on")
+        training = DiagonalProgram(
+            train_plan, config=train_config, compiler=step_compiler, name="diagpass.compile training program",
+            share_stacks=program,
+        )
+    except RerollError as error:
+        raise GeneralisationError(f"diagpass.compile: {error}") from error
+    return plan, program, training
+
+
+class _CutProber:
+    """Traces the forward again on 2 segments (the cut probes), the last of each short length
+    :func:`_short_lengths` picks, or of full length only when the model cuts no short tail."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        arg_leaves: list[Any],
+        arg_spec: Any,
+        length_dims: dict[int, int],
+        segment: int,
+        mapping: _Mapping,
+        report: RerollReport,
+        keep_alive: list[Any],
+    ) -> None:
+        self.model, self.arg_leaves, self.arg_spec = model, arg_leaves, arg_spec
+        self.length_dims, self.segment, self.mapping = length_dims, segment, mapping
+        self.report, self.keep_alive = report, keep_alive
+
+    def all(self, last: int) -> list[tuple[Probe, _Mapping, Capture, Any]]:
+        """The cut probes for a user probe whose last segment has ``last`` tokens."""
+        segment = self.segment
+        try:
+            return [self.trace(short) for short in _short_lengths(segment, {last})]
+        except (_NoShortTail, GeneralisationError, StructureError) as error:
+            if last != segment:
+                raise
+            # The model cuts no short last segment of T (a view into (S, T), or torch.chunk): prove full
+            # segments only; other lengths run the model itself, with the reason in the report.
+            no_short_tail = f"{error}" if isinstance(error, _NoShortTail) else f"a short last segment is not proven: {error}"
+            log.info("diagpass.compile: %s; proving full segments only", no_short_tail)
+        except Exception as error:  # noqa: BLE001 - the model's own forward raised on a short last segment
+            if last != segment or isinstance(error, DiagpassError):
+                raise
+            log.info("diagpass.compile: the forward raises on a short last segment (%s); proving full segments only", error)
+        self.keep_alive[1:] = []
+        self.report.trace_s[1:] = []
+        return [self.trace(segment)]
+
+    def trace(self, last_length: int) -> tuple[Probe, _Mapping, Capture, Any]:
+        """Trace the forward on 2 segments, the last of ``last_length``."""
+        segment, mapping, length_dims = self.segment, self.mapping, self.length_dims
+        # One cut per distinct tensor: `model(ids, labels=ids)` must trace with one input again.
+        cuts: dict[int, Any] = {}
+        cut = [
+            cuts.setdefault(id(leaf), _cut(leaf, length_dims[i], segment + last_length)) if i in length_dims else leaf
+            for i, leaf in enumerate(self.arg_leaves)
+        ]
+        cut_args, cut_kwargs = pytree.tree_unflatten(cut, self.arg_spec)
+        extra, extra_before = _capture_once(self.model, tuple(cut_args), dict(cut_kwargs))
+        self.keep_alive.append(extra)
+        self.report.trace_s.append(extra.trace_s)
+        extra_gm = extra.graph_module
+        assert extra_gm is not None
+        extra_analysis = analyze_graph(extra_gm)
+        if not extra_analysis.report.ok:
+            raise GeneralisationError(
+                f"diagpass.compile: with 2 segments (the last of {last_length}) the structure is not proven: "
+                f"{extra_analysis.report.reason}"
+            )
+        extra_map = _map_probe(self.model, extra, cut, extra_before)
+        extra_split = split_units(extra_gm.graph, extra_analysis.labels)
+        try:
+            cut_size = find_length_axes(extra_split, extra_map.keys)[0]
+        except RerollError as error:
+            raise _NoShortTail(str(error)) from error
+        if cut_size != segment:  # torch.chunk into ceil(n / T) parts: parts of T only when T divides n
+            raise _NoShortTail(f"{segment + last_length} tokens are cut into segments of {cut_size}, not {segment}")
+        if mapping.groups is not None:
+            extra_map.groups = group_segment_outputs(extra_gm.graph, extra_split)
+            mapping.recipe.check(  # type: ignore[union-attr]
+                extra.returned,
+                2,
+                lambda value, what, m=extra_map: m.translate(m.source_of(value, what)),
+                f"the cut probe of 2 segments (the last of {last_length})",
+            )
+        probe = Probe(graph=extra_gm.graph, labels=extra_analysis.labels, keys=extra_map.keys, segment_lengths=[segment, last_length])
+        return probe, extra_map, extra, extra_analysis
 
 
 def _truncation(probes: list[tuple[int, Any, _Mapping]]) -> tuple[DetachRule | None, list[int]]:

@@ -206,7 +206,7 @@ def test_inductor_any_length_exact() -> None:
 
 def test_short_tail_option_is_validated() -> None:
     model = ReferenceStyleARMT(layers=2, segment_size=8, num_mem_tokens=2)
-    assert diagpass.compile(model, _ids(1, 24), options=EAGER_STEPS).config.short_tail == "eager"
+    assert diagpass.compile(model, _ids(1, 24), options=EAGER_STEPS).diagbatch_config.short_tail == "eager"
     with pytest.raises(diagpass.ConfigError, match="short_tail"):
         diagpass.compile(model, _ids(1, 24), options={"short_tail": "fast"})
 
