@@ -370,8 +370,8 @@ def _build(
         redetach_outputs(unrolled.module, analysis.detaches.output_positions)
         return unrolled
     record.path = "diagonal program"
+    redetach_outputs(plan.post[0], analysis.detaches.output_positions)  # the state the model left detached
     program = DiagonalProgram(plan, config=config, compiler=step_compiler, name="diagbatch program")
     program.fixed_length = (labels.num_segments, lengths[-1])
     counters["diagpass"]["programs"] += 1
-    redetach_outputs(plan.post[0], analysis.detaches.output_positions)  # the state the model left detached
     return program
