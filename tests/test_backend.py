@@ -69,7 +69,7 @@ def test_memory_path_matters() -> None:
 # --- the reference-style user code, swept by Hypothesis ------------------------------------------
 
 
-@settings(max_examples=14)
+@settings(max_examples=10)
 @given(
     layers=st.integers(1, 6),
     segments=st.integers(1, 8),

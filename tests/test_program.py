@@ -72,7 +72,9 @@ def _assert_one_program(model: torch.nn.Module, lengths: list[int], options: dic
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_backend_and_compile_are_one_program_bitwise(name: str) -> None:
-    _assert_one_program(ZOO[name](), [40, 37], {"compiler": "eager", "min_lanes": 1})
+    # Gemma's traces are the slowest of the zoo: one length (with a short tail) keeps CI in budget.
+    lengths = [37] if "gemma" in name else [40, 37]
+    _assert_one_program(ZOO[name](), lengths, {"compiler": "eager", "min_lanes": 1})
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_lane_views_in_the_any_length_program() -> None:
 # --- grouped K/V attention ------------------------------------------------------------------------
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(kv_heads=st.sampled_from([1, 2, 4]), batch=st.integers(1, 2), segments=st.integers(2, 5))
 def test_property_gqa_attention_exact(kv_heads: int, batch: int, segments: int) -> None:
     """With the rewrite allowed on CPU (SDPA's math path), outputs match sequential eager."""
@@ -279,7 +279,7 @@ def _carried_and_stacked(model: torch.nn.Module, ids: torch.Tensor, options: dic
 
 
 @pytest.mark.slow
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     layers=st.integers(2, 4),
     segments=st.integers(2, 7),
