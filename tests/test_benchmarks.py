@@ -50,7 +50,7 @@ def test_train_step_tiny_cpu_smoke(tmp_path: Path) -> None:
 def test_generate_tiny_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "generate.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--tiny", "--device", "cpu", "--quick", "--json", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--tiny", "--device", "cpu", "--quick", "--lengths", "80", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
