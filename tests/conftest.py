@@ -26,9 +26,3 @@ def _fresh_dynamo() -> None:
     yield
     torch._dynamo.reset()
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests first (a stable sort): with ``-n 2`` xdist hands tests out in this order, so the
-    long ones start early and the short ones fill in, instead of one worker idling while the
-    other runs a long test at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
