@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from diagpass.config import DiagbatchConfig
 from diagpass.fuse import FusedWeight, fuse_horizontal_gemms
@@ -438,6 +440,19 @@ class GraphedStep:
         return tuple(out.clone() for out in outputs)
 
 
+def compile_fx_cached(aten: torch.fx.GraphModule, example: Sequence[Any], patches: dict[str, Any]) -> Callable[..., Any]:
+    """``compile_fx`` of a static-shape ATen graph, inside a tracing context whose fake mode has a
+    (static) shape env: Inductor's FX graph cache refuses a graph with none ("No shape env"), so
+    without it every step would be generated and compiled again in every process."""
+    from torch._inductor.compile_fx import compile_fx
+
+    if torch._guards.TracingContext.try_get() is not None:  # inside Dynamo: its context is the right one
+        return compile_fx(aten, list(example), config_patches=patches)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compile_fx(aten, list(example), config_patches=patches)
+
+
 def compile_chunk(
     module: torch.fx.GraphModule, s: int, n: int, args: Sequence[Any], config: DiagbatchConfig
 ) -> Callable[..., Any]:
@@ -446,7 +461,6 @@ def compile_chunk(
     For a segment chunk that does not read ``s`` (``diagpass.program.chunks``): e.g. the final
     RMSNorm of each segment, eight eager kernels with float32 intermediates, becomes one.
     """
-    from torch._inductor.compile_fx import compile_fx
 
     def chunk(*tensors: Any) -> Any:
         return module(s, n, *tensors)
@@ -454,7 +468,7 @@ def compile_chunk(
     start = time.perf_counter()
     with torch.no_grad():
         aten = make_fx(chunk, tracing_mode="fake")(*args)
-        compiled = compile_fx(aten, list(args), config_patches=dict(config.inductor))
+        compiled = compile_fx_cached(aten, args, dict(config.inductor))
     counters["diagpass"]["chunk_compiles"] += 1
     log.info("compiled a segment chunk (%d nodes) in %.2fs", len(aten.graph.nodes), time.perf_counter() - start)
     return compiled
@@ -549,7 +563,6 @@ class StepCompiler:
         start: float,
         static: Sequence[bool] = (),
     ) -> CompiledStep:
-        from torch._inductor.compile_fx import compile_fx
 
         # Inputs the step does not read arrive as None (runtime: "unused" slots); trace without them.
         present = [i for i, a in enumerate(args) if a is not None]
@@ -575,7 +588,7 @@ class StepCompiler:
         patches = dict(config.inductor)
         example = [*args, *(make(args) for make in makers)]
         with torch.no_grad():
-            compiled = compile_fx(aten, example, config_patches=patches)
+            compiled = compile_fx_cached(aten, example, patches)
 
         if pruned:
 
@@ -605,7 +618,6 @@ class StepCompiler:
         Inductor through AOTAutograd (``compile_fx`` partitions the joint graph, so backward runs
         as one compiled, batched step too: the reverse diagonal). No fused GEMM weights (their
         concatenation would sit outside the graph) and no CUDA graphs."""
-        from torch._inductor.compile_fx import compile_fx
 
         present = [i for i, a in enumerate(args) if a is not None]
         given = [args[i] for i in present]
@@ -622,7 +634,7 @@ class StepCompiler:
         gemms = count_batched_gemms(aten)
         counters["diagpass"]["batched_gemms"] += gemms
         counters["diagpass"]["training_step_compiles"] += 1
-        compiled = compile_fx(aten, list(given), config_patches=dict(config.inductor))
+        compiled = compile_fx_cached(aten, given, dict(config.inductor))
 
         def run(*step_args: Any) -> Any:
             return compiled(*[step_args[i] for i in present])
