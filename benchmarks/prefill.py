@@ -9,7 +9,8 @@ Peers, all on the same random weights (W_mv non-zero) and the same inputs:
   layers     sequential ARMT, each decoder-layer wrapper torch.compile'd (torchtitan style)
   model      sequential ARMT, whole model torch.compile'd (only up to --model-max-len)
   diagbatch  torch.compile(backend="diagbatch")
-  ablation   diagbatch's program with schedule="sequential" (one cell per step, same kernels)
+  ablation   diagbatch's program with schedule="sequential" (one cell per step, same kernels; with
+             --diag-via compile through diagpass.compile too)
   floor      FLOPs / measured bf16 matmul peak
 
 Timing: CUDA events after warm-up, median of --repeats. Prints a table, writes JSON.
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     layer_compiled = None
     anylength = None
+    sequential = None  # the ablation's diagpass.compile module (--diag-via compile)
     for tokens in s["lengths"]:
         ids = torch.randint(0, s["config"].vocab_size, (args.batch, tokens), device=device)
         flops = armt_flops(s["config"], tokens, s["segment"], s["mem"], s["d_mem"], args.batch)
@@ -286,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if name == "diagbatch" and args.diag_via == "compile":
                     anylength = measure_anylength(armt, ids, s, options, anylength, measure, result, args)
+                    continue
+                if name == "ablation" and args.diag_via == "compile":
+                    # The same program with one cell per step: through diagpass.compile too, so
+                    # long inputs are not traced segment by segment.
+                    sequential = measure_anylength(
+                        armt, ids, s, {**options, "schedule": "sequential"}, sequential, measure, result, args, name="ablation"
+                    )
                     continue
                 torch._dynamo.reset()
                 # torch.compile takes mode= or options=, not both: a mode uses the default options.
@@ -350,8 +359,10 @@ def measure_anylength(
     measure: Callable[..., None],
     result: dict[str, Any],
     args: argparse.Namespace,
+    name: str = "diagbatch",
 ) -> Any:
-    """diagbatch through ``diagpass.compile``: compiled once on a 3-segment probe, reused."""
+    """diagbatch (or the ``ablation``) through ``diagpass.compile``: compiled once on a 3-segment
+    probe, reused."""
     probe_s = None
     if anylength is None:
         probe = torch.randint(0, s["config"].vocab_size, (ids.shape[0], 3 * s["segment"]), device=ids.device)
@@ -361,9 +372,9 @@ def measure_anylength(
         anylength = diagpass.compile(armt, probe, options={"min_lanes": 1, **options})
         probe_s = time.perf_counter() - t0
     with sdpa_context(args.sdpa):
-        measure("diagbatch", lambda: anylength(ids), compile_fn=lambda: anylength(ids))
+        measure(name, lambda: anylength(ids), compile_fn=lambda: anylength(ids))
     run = anylength.report.runs[-1]
-    result["diagbatch"].update(
+    result[name].update(
         applied=run.path == "diagonal",
         reason=run.reason,
         via="diagpass.compile",
@@ -372,6 +383,8 @@ def measure_anylength(
         step_compile_s=run.stats.compile_s if run.stats else None,
         graph=run.stats.graph if run.stats else None,
     )
+    if name != "diagbatch":
+        return anylength
     if args.profile:
         result["profile"] = profile_split(lambda: anylength(ids))
         print(f"  {ids.shape[1]:>7} profile    {result['profile']['split']} idle {result['profile']['idle']}", flush=True)

@@ -570,8 +570,6 @@ def compile(  # noqa: A001 - the public name the issue asks for
     # keep compile + first call at 131K under a minute (min_lanes 1 or 2 run about 15 ms
     # faster there, for 61 s of it from cold caches: benchmarks/RESULTS.md).
     config = parse_options({"min_lanes": 4, **(options or {})})
-    if config.schedule != "diagonal":
-        raise ConfigError("diagpass.compile runs the diagonal schedule only (schedule='diagonal')")
     if config.pipeline:  # fail before tracing: the stages need the default process group
         from diagpass.distributed import check_process_group
 

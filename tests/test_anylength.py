@@ -78,7 +78,9 @@ def assert_any_length_exact(
         for got, want in zip(state, expected_state):
             assert max_rel_err(got, want) <= bound, f"{length} tokens: final state differs"
         if segments > 1:
-            assert run.stats is not None and run.stats.steps == segments + len(model.layers) - 1
+            sequential = (options or {}).get("schedule") == "sequential"
+            steps = segments * len(model.layers) if sequential else segments + len(model.layers) - 1
+            assert run.stats is not None and run.stats.steps == steps
     assert _graphs_traced() == traced, "a new length traced the model again"
     return fast
 
@@ -113,6 +115,14 @@ def test_reference_style_any_length_exact() -> None:
     """Plain PyTorch, state in reassigned module attributes, per-segment outputs concatenated."""
     model = ReferenceStyleARMT(layers=3, segment_size=8, num_mem_tokens=2)
     assert_any_length_exact(model, segment=8, lengths=[8, 16, 56, 264, 259], batch=2, noise_aware=True)
+
+
+def test_sequential_schedule_any_length_exact() -> None:
+    """The ablation (one cell per step, the same kernels) through diagpass.compile: L * S steps."""
+    model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
+    assert_any_length_exact(
+        model, segment=8, vocab=model.config.vocab_size, lengths=[16, 56, 53], options={**EAGER_STEPS, "schedule": "sequential"}
+    )
 
 
 def test_segment_index_between_layers_is_generalised() -> None:

