@@ -14,7 +14,7 @@ _configure_logging()  # DIAGPASS_LOG=info|debug|warning: see diagpass/logs.py
 
 from diagpass.analyze import analyze
 from diagpass.anylength import AnyLengthModel, GeneralisationError, RerollReport, compile
-from diagpass.backend import CompileRecord, compile_history, last_compile
+from diagpass.backend import CompileRecord, clear_compile_history, compile_history, last_compile
 from diagpass.config import DiagbatchConfig, parse_options
 from diagpass.errors import ConfigError, DiagpassError, InputError, StructureError
 from diagpass.program import DiagonalProgram
@@ -31,6 +31,7 @@ __all__ = [
     "GeneralisationError",
     "last_compile",
     "compile_history",
+    "clear_compile_history",
     "CompileRecord",
     "DependencyReport",
     "DiagbatchConfig",

@@ -37,7 +37,7 @@ from diagpass.report import DependencyReport, GraphAnalysis, analyze_graph
 
 log = logging.getLogger("diagpass.backend")
 
-__all__ = ["diagbatch", "CompileRecord", "CompileTimes", "last_compile", "compile_history", "step_compiler"]
+__all__ = ["diagbatch", "CompileRecord", "CompileTimes", "last_compile", "compile_history", "clear_compile_history", "step_compiler"]
 
 _HISTORY_LIMIT = 64
 
@@ -150,6 +150,12 @@ def last_compile() -> CompileRecord | None:
 def compile_history() -> list[CompileRecord]:
     """Records of the recent graphs the backend compiled, oldest first."""
     return list(_history)
+
+
+def clear_compile_history() -> None:
+    """Forget the recorded compiles (``compile_history`` keeps the last 64; ``last_compile`` then
+    returns None until the next one)."""
+    _history.clear()
 
 
 def _remember(record: CompileRecord) -> CompileRecord:

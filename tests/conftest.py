@@ -21,6 +21,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> None:
+    import diagpass
+
+    # A test reads the records of its own compiles by position: the history keeps only the last 64.
+    diagpass.clear_compile_history()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
