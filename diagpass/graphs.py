@@ -129,7 +129,7 @@ class ProgramGraphs:
                 counters["diagpass"]["program_graph_replays"] += 1
                 return self._play(entry, "replayed")
             log.info("%s: a tensor read in place moved (new weights?): capturing again", self.name)
-            del self._graphs[full_key]
+            self._drop(full_key)
             return self._warm_up(program, args, full_key)
         reason = self.failures.get(full_key) or self._not_capturable(args)
         if reason is None:
@@ -212,6 +212,8 @@ class ProgramGraphs:
         except Exception as error:  # e.g. an op the warm-up's sync check did not see
             torch.cuda.synchronize()
             _end_rng_capture()
+            if not self._graphs:
+                self._pool = None  # the failed capture's pool: a new one for the next layout
             self.failures[key] = f"CUDA graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             counters["diagpass"]["program_graph_failures"] += 1
             log.warning("%s: %s; running without a graph for this input layout", self.name, self.failures[key])
@@ -232,8 +234,16 @@ class ProgramGraphs:
             "%s: captured a CUDA graph (%d of %d arguments refilled per call)", self.name, sum(refill), len(args)
         )
         while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+            self._drop(next(iter(self._graphs)))
         return entry
+
+    def _drop(self, key: Hashable) -> None:
+        """Forget one graph. When none is left, forget the memory pool too: the allocator releases
+        a pool whose graphs are all gone only once its last block is freed, and a capture into it
+        before then fails ("it->second->use_count > 0 INTERNAL ASSERT FAILED")."""
+        del self._graphs[key]
+        if not self._graphs:
+            self._pool = None
 
 
 def _end_rng_capture() -> None:

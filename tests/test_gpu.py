@@ -75,6 +75,28 @@ def test_program_graphs_replay_refills_and_copies_out() -> None:
     torch.testing.assert_close(out, torch.relu(x @ moved) + 1)
 
 
+def test_program_graphs_capture_again_while_a_dropped_graphs_tensor_lives() -> None:
+    """A graph dropped (its weight moved) while a tensor of its pool is still held: the next capture
+    takes a new pool. Capturing into the old one failed in the allocator ("use_count > 0"), as
+    seen once in fast.generate at 131K."""
+    from diagpass.graphs import ProgramGraphs
+
+    graphs = ProgramGraphs(name="test")
+
+    def program(x: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+        return (x @ w,), w.sum(0)  # the info tensor lives in the graph's pool, never copied out
+
+    weight = torch.randn(16, 16, device="cuda")
+    x = torch.randn(8, 16, device="cuda")
+    held = [graphs(program, [x, weight], key="k")[1] for _ in range(2)]  # warm-up, capture
+    for _ in range(3):  # the weight moves: dropped, warmed up, captured again
+        weight = weight.clone()
+        hows = [graphs(program, [x, weight], key="k")[2] for _ in range(2)]
+        held.append(graphs(program, [x, weight], key="k")[1])
+        assert hows == ["warm-up", "captured"], hows
+    assert not graphs.failures, graphs.failures
+
+
 def test_program_graphs_failed_capture_runs_uncaptured() -> None:
     from diagpass.graphs import ProgramGraphs
 
