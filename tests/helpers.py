@@ -103,3 +103,47 @@ def compile_and_compare(
         state_err = max_rel_err(got, want)
         assert state_err <= tol, f"final recurrent state differs: {state_err:.3e}"
     return record
+
+
+# --- gradients (the training tests) -------------------------------------------------------------
+
+
+def training_loss(out: Any) -> torch.Tensor:
+    """The model's own loss where it returns one, else a loss that reads every logit."""
+    if isinstance(out, dict) and out.get("loss") is not None:
+        return out["loss"]
+    return logits_of(out).float().square().mean()
+
+
+def loss_and_grads(model: torch.nn.Module, call: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``call()``'s loss and the gradient of every parameter that got one."""
+    model.zero_grad(set_to_none=True)
+    loss = training_loss(call())
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def drop_autograd_history(model: torch.nn.Module) -> None:
+    """The state a run left may have autograd history: drop it, so the model can be copied."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+
+
+def assert_gradients_close(
+    model: torch.nn.Module, run: Any, eager: Any
+) -> dict[str, torch.Tensor]:
+    """Loss and gradients of ``run()`` against ``eager(model)``, within 1e-5 relative or three times
+    eager fp32's own distance from fp64 (a random ARMT amplifies rounding). Returns ``run``'s gradients."""
+    loss, grads = loss_and_grads(model, run)
+    want_loss, want = loss_and_grads(model, lambda: eager(model))
+    drop_autograd_history(model)
+    model64 = copy.deepcopy(model).double()
+    _, grads64 = loss_and_grads(model64, lambda: eager(model64))
+    assert grads.keys() == want.keys() and grads
+    for name in want:
+        bound = max(1e-5, 3 * max_rel_err(want[name], grads64[name].float()))
+        assert max_rel_err(grads[name], want[name]) <= bound, name
+    assert max_rel_err(loss, want_loss) <= 1e-5
+    return grads

@@ -5,7 +5,6 @@ time; the loss and every gradient equal the sequential eager model's, and differ
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import diagpass
 from diagpass import models
-from tests.helpers import logits_of, max_rel_err
+from tests.helpers import assert_gradients_close, drop_autograd_history, loss_and_grads, max_rel_err
 from tests.reference_style import TruncatedReferenceARMT
 
 EAGER = {"compiler": "eager"}
@@ -25,21 +24,6 @@ EAGER = {"compiler": "eager"}
 
 def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _grads(model: torch.nn.Module, call: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = logits_of(call()).float().square().mean()
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
-def _drop_history(model: torch.nn.Module) -> None:
-    """The state a run left may have autograd history: drop it, so the model can be copied."""
-    for module in model.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                setattr(module, name, value.detach())
 
 
 def _window(segments: int, k2: int | None) -> list[int]:
@@ -53,27 +37,17 @@ def assert_truncated_gradients_match(
     model: torch.nn.Module, run: Callable[[torch.Tensor], Any], ids: torch.Tensor, *, set_k2: Callable[[int | None], None]
 ) -> dict[str, torch.Tensor]:
     """Loss and gradients of ``run(ids)`` against eager, within 1e-5 relative or three times eager
-    fp32's own distance from fp64; and against full BPTT, which they must not equal."""
-    loss, grads = _grads(model, lambda: run(ids))
-    want_loss, want = _grads(model, lambda: model(ids))
-    _drop_history(model)
-    model64 = copy.deepcopy(model).double()
-    _, grads64 = _grads(model64, lambda: model64(ids))
-    assert grads.keys() == want.keys() and grads
-    for name in want:
-        bound = max(1e-5, 3 * max_rel_err(want[name], grads64[name].float()))
-        assert max_rel_err(grads[name], want[name]) <= bound, name
-    assert max_rel_err(loss, want_loss) <= 1e-5
-    return grads
+    fp32's own distance from fp64 (:func:`_differs_from_full_bptt` checks they are not full BPTT's)."""
+    return assert_gradients_close(model, lambda: run(ids), lambda m: m(ids))
 
 
 def _differs_from_full_bptt(model: torch.nn.Module, grads: dict[str, torch.Tensor], ids: torch.Tensor, set_k2: Callable[[int | None], None], k2: int | None) -> bool:
     set_k2(None)
     try:
-        _, full = _grads(model, lambda: model(ids))
+        _, full = loss_and_grads(model, lambda: model(ids))
     finally:
         set_k2(k2)
-    _drop_history(model)
+    drop_autograd_history(model)
     return max(max_rel_err(grads[name], full[name]) for name in full) > 1e-4
 
 
@@ -106,7 +80,7 @@ def test_zoo_armt_truncation_through_diagpass_compile(k2: int | None) -> None:
     left = [layer.W_mem.grad_fn is None for layer in model.layers]
     model(ids)
     assert left == [layer.W_mem.grad_fn is None for layer in model.layers]
-    _drop_history(model)
+    drop_autograd_history(model)
 
 
 def test_zoo_armt_truncation_through_the_backend() -> None:
@@ -192,7 +166,7 @@ def test_a_pattern_that_is_no_window_is_refused_for_any_length_and_exact_for_the
     model = EveryOtherSegment(layers=2, segment_size=4, num_mem_tokens=2)
     with pytest.raises(diagpass.GeneralisationError, match="truncated BPTT not proven"):
         diagpass.compile(model, _ids(1, 20, 64), options=EAGER)
-    _drop_history(model)
+    drop_autograd_history(model)
     compiled = torch.compile(model, backend="diagbatch", dynamic=False, options=EAGER)
     assert_truncated_gradients_match(model, compiled, _ids(1, 22, 64, seed=7), set_k2=lambda _: None)
     assert diagpass.last_compile().path == "diagonal program"
