@@ -133,14 +133,17 @@ class ReferenceStyleARMT(nn.Module):
             layer.zero_mem()
         logits = []
         for start in range(0, input_ids.shape[1], self.segment_size):
-            segment = input_ids[:, start : start + self.segment_size].to(self.embed.weight.device)
-            x = self.embed(segment)
-            mem = self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x, mem], dim=1)  # [B, T+m, d]
-            for layer in self.layers:
-                x = layer(x)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
+            logits.append(self.segment_logits(input_ids[:, start : start + self.segment_size]))
         return torch.cat(logits, dim=1)
+
+    def segment_logits(self, segment: torch.Tensor) -> torch.Tensor:
+        """One segment through every layer, memory tokens appended (read and written)."""
+        x = self.embed(segment.to(self.embed.weight.device))
+        mem = self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([x, mem], dim=1)  # [B, T+m, d]
+        for layer in self.layers:
+            x = layer(x)[0]
+        return self.head(self.norm(x[:, : -self.num_mem_tokens]))
 
     def memory_state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.W_mem, layer.z) for layer in self.layers]
@@ -169,13 +172,7 @@ class TruncatedReferenceARMT(ReferenceStyleARMT):
         n_segments = -(-input_ids.shape[1] // self.segment_size)
         logits = []
         for seg_num, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
-            segment = input_ids[:, start : start + self.segment_size].to(self.embed.weight.device)
-            x = self.embed(segment)
-            mem = self.memory.unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x, mem], dim=1)  # [B, T+m, d]
-            for layer in self.layers:
-                x = layer(x)[0]
-            logits.append(self.head(self.norm(x[:, : -self.num_mem_tokens])))
+            logits.append(self.segment_logits(input_ids[:, start : start + self.segment_size]))
             for layer in self.layers:
                 layer.W_mem = self.manage_gradients(layer.W_mem, seg_num, n_segments)
                 layer.z = self.manage_gradients(layer.z, seg_num, n_segments)
