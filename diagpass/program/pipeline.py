@@ -408,15 +408,13 @@ class _StageRun(_Run):
             layout.meta = self.meta
             log.debug("diagpass pipeline: rank %d exchanged the shapes of %d values", stages.rank, len(self.meta))
         times = self.clock.totals()
-        return outputs, PipelineRunStats(
+        return outputs, PipelineRunStats.of_layout(
+            layout,
             segments=self.segments,
-            last_length=self.last,
-            steps=len(layout.by_step),
-            batched_calls=len(layout.groups),
+            last=self.last,
             compile_s=runner.compile_s - compile_before,
             peak_live_segments=peak_live,
             carried_steps=carried,
-            cells_per_call=tuple(len(g.cells) for g in layout.groups),
             stages=stages.describe(),
             rank=stages.rank,
             layers=tuple(stages.layers()),

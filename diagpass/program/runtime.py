@@ -65,6 +65,18 @@ class RunStats:
     cells_per_call: tuple[int, ...] = ()
     """Real cells of each batched call, in order (padding excluded)."""
 
+    @classmethod
+    def of_layout(cls, layout: Layout, *, segments: int, last: int, **counts: Any) -> Any:
+        """The stats of one run of ``layout`` (``counts``: what the run itself counted)."""
+        return cls(
+            segments=segments,
+            last_length=last,
+            steps=len(layout.by_step),
+            batched_calls=len(layout.groups),
+            cells_per_call=tuple(len(g.cells) for g in layout.groups),
+            **counts,
+        )
+
 
 class DiagonalProgram:
     """A proven segment loop, run on the diagonal schedule. ``print(program)`` describes it."""
@@ -385,15 +397,13 @@ class _Run:
                     self.kept[s] = {p: env[p] for p in self.plan.post_units[s]}
             if region is not None:
                 region.__exit__(None, None, None)
-        return self._post(), RunStats(
+        return self._post(), RunStats.of_layout(
+            layout,
             segments=self.segments,
-            last_length=self.last,
-            steps=len(layout.by_step),
-            batched_calls=len(layout.groups),
+            last=self.last,
             compile_s=runner.compile_s - compile_before,
             peak_live_segments=peak_live,
             carried_steps=carried,
-            cells_per_call=tuple(len(g.cells) for g in layout.groups),
         )
 
     def _post(self) -> tuple[Any, ...]:
