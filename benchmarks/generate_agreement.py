@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import diagpass
 from diagpass.models.builders import smollm2_armt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
 
@@ -67,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segments", default="1,4,9,16,32", help="comma-separated prompt lengths, in segments")
     p.add_argument("--offset", type=int, default=5, help="tokens past the last full segment (0: exact multiples)")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--exactness",
+        action="store_true",
+        help="also the per-segment error against fp64 of the longest prompt's forward (benchmarks/exactness.py): "
+        "diagpass and eager, fp32 and the run's dtype, on the trained base",
+    )
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -116,10 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['segments']} | {r['prompt_tokens']} | {r['own_math']['agree']} | {r['own_math']['first_diff']} | "
             f"{r['diagpass']['agree']} | {r['diagpass']['first_diff']} | {r['prefill_on_diagonal']} |"
         )
+    exactness = None
+    if args.exactness:
+        from exactness import segment_check
+
+        ids = corpus[None, : max(counts) * args.segment].to(args.device)
+        print(f"\nper-segment exactness of the forward at {ids.shape[1]} tokens (trained base)", flush=True)
+        exactness = segment_check(model, fast, ids, segment=args.segment, options=options)
     if args.json:
         env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"}
         env.update(torch=torch.__version__, dtype=str(dtype), segment=args.segment, mem=args.mem)
-        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"env": env, "rows": rows, "exactness": exactness}, indent=2))
         print(f"wrote {args.json}")
     return 0
 
