@@ -12,10 +12,10 @@ strides, dtypes, the non-tensor values) plus the caller's key (e.g. the segment 
 
 * the first call with a key runs the program as is (it compiles new steps, warms up);
 * the second (a third, where the first compiled steps) captures it in a CUDA graph and
-  replays it. Arguments whose address changed between the two calls (the input ids, state
-  from the last call), and small tensors that are not parameters, are read from buffers of
-  the graph's own, refilled before each replay; the others (weights, weight stacks) are read
-  in place, and a replay checks that they did not move (else it captures again);
+  replays it. Parameters and the program's own weight stacks are read in place, and a replay
+  checks that they did not move (else it captures again); every other tensor argument (the
+  inputs, state from the last call) is read from a buffer of the graph's own, refilled
+  before each replay;
 * later calls replay. Outputs are copied out of the graph's memory pool, so a result
   never changes under the caller's hands at the next replay.
 
@@ -71,24 +71,23 @@ def _address(value: Any) -> int | None:
     return value.data_ptr() if isinstance(value, torch.Tensor) else None
 
 
-_SMALL_BYTES = 16 * 2**20
-
-
-def _refill_arg(value: Any, seen_address: int | None) -> bool:
+def _refill_arg(value: Any, seen_address: int | None, *, owned: bool = False) -> bool:
     """Whether a replay copies ``value`` into a buffer of the graph's own, else reads it in place.
 
-    Copied: what moved between the two calls before the capture (the input, state written
-    back by the last call), and every small tensor that is not a parameter (the caching
-    allocator may hand a new input the old one's address once, then another). Read in place:
-    parameters and large tensors that stayed put (weights, their stacks); a replay checks that
-    they still have not moved, else it captures again.
+    Read in place: parameters and the program's own tensors (``owned``: its weight stacks), where
+    they did not move between the two calls before the capture; a replay checks that they still
+    have not moved, else it captures again. Copied: everything else, the inputs and state above
+    all, large or small. Where such a tensor sits is the caching allocator's choice: a 0.5 GB input
+    built anew each call (the concatenated segments of ``fast.generate``'s prefill) kept its address
+    for the two calls before the capture and then moved, so every few calls the program was
+    captured again (a warm-up and a capture in place of two replays, about +0.17 s at 131K tokens).
+    A copy costs a pass over memory: under 1 ms for 0.5 GB on an H200.
     """
     if not isinstance(value, torch.Tensor):
         return False
     if value.data_ptr() != seen_address:
         return True
-    small = value.numel() * value.element_size() <= _SMALL_BYTES
-    return small and not isinstance(value, torch.nn.Parameter)
+    return not (owned or isinstance(value, torch.nn.Parameter))
 
 
 def _copy_out(value: Any) -> Any:
@@ -113,8 +112,13 @@ class ProgramGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __call__(self, program: Program, args: Sequence[Any], *, key: Hashable = ()) -> tuple[Any, Any, str]:
+    def __call__(
+        self, program: Program, args: Sequence[Any], *, key: Hashable = (), owned: int = 0
+    ) -> tuple[Any, Any, str]:
         """``program(*args)``, through a graph where possible.
+
+        ``owned``: the last ``owned`` arguments are the program's own tensors (weight stacks),
+        read in place like parameters; the others that are not parameters are copied in.
 
         Returns ``(outputs, info, how)``, ``how`` one of ``"replayed"``, ``"captured"``
         (captured now, then replayed), ``"warm-up"`` (first call with this layout) or
@@ -136,7 +140,7 @@ class ProgramGraphs:
             seen = self._seen.get(full_key)
             if seen is None:
                 return self._warm_up(program, args, full_key)
-            entry = self._capture(program, args, seen, full_key)
+            entry = self._capture(program, args, seen, full_key, owned)
             if entry is not None:
                 return self._play(entry, "captured")
             reason = self.failures[full_key]
@@ -197,8 +201,11 @@ class ProgramGraphs:
                 buffer.copy_(value)
         return True
 
-    def _capture(self, program: Program, args: Sequence[Any], seen: list[int | None], key: Hashable) -> _Graph | None:
-        refill = [_refill_arg(a, old) for a, old in zip(args, seen)]
+    def _capture(
+        self, program: Program, args: Sequence[Any], seen: list[int | None], key: Hashable, owned: int
+    ) -> _Graph | None:
+        first_owned = len(args) - owned
+        refill = [_refill_arg(a, old, owned=i >= first_owned) for i, (a, old) in enumerate(zip(args, seen))]
         static = [
             torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a) if r else a
             for a, r in zip(args, refill)

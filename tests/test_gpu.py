@@ -75,6 +75,28 @@ def test_program_graphs_replay_refills_and_copies_out() -> None:
     torch.testing.assert_close(out, torch.relu(x @ moved) + 1)
 
 
+def test_program_graphs_replay_a_large_input_built_anew_each_call() -> None:
+    """A large input (fast.generate's concatenated prefill segments) is a new tensor each call, at
+    an address the allocator picks: copied in, never read in place, so the graph keeps replaying
+    (it was captured again whenever the input moved after two calls at the same address)."""
+    from diagpass.graphs import ProgramGraphs
+
+    graphs = ProgramGraphs(name="test")
+    weight = torch.nn.Parameter(torch.randn(64, 64, device="cuda"), requires_grad=False)
+
+    def program(x: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor], None]:
+        return (x[:8] @ w,), None
+
+    hows = []
+    for i in range(6):
+        x = torch.randn(2**16 + 8 * i, 64, device="cuda")  # 16+ MiB, a new size (so a new block) now and then
+        x = x[: 2**16] if i % 2 else torch.randn(2**16, 64, device="cuda")
+        (out,), _, how = graphs(program, [x.contiguous(), weight], key="k")
+        hows.append(how)
+        torch.testing.assert_close(out, x[:8] @ weight)
+    assert hows == ["warm-up", "captured", "replayed", "replayed", "replayed", "replayed"], hows
+
+
 def test_program_graphs_capture_again_while_a_dropped_graphs_tensor_lives() -> None:
     """A graph dropped (its weight moved) while a tensor of its pool is still held: the next capture
     takes a new pool. Capturing into the old one failed in the allocator ("use_count > 0"), as
@@ -86,11 +108,12 @@ def test_program_graphs_capture_again_while_a_dropped_graphs_tensor_lives() -> N
     def program(x: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor], torch.Tensor]:
         return (x @ w,), w.sum(0)  # the info tensor lives in the graph's pool, never copied out
 
-    weight = torch.randn(16, 16, device="cuda")
+    # a parameter is read in place (a small plain tensor would be refilled, so never "move")
+    weight = torch.nn.Parameter(torch.randn(16, 16, device="cuda"), requires_grad=False)
     x = torch.randn(8, 16, device="cuda")
     held = [graphs(program, [x, weight], key="k")[1] for _ in range(2)]  # warm-up, capture
     for _ in range(3):  # the weight moves: dropped, warmed up, captured again
-        weight = weight.clone()
+        weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
         hows = [graphs(program, [x, weight], key="k")[2] for _ in range(2)]
         held.append(graphs(program, [x, weight], key="k")[1])
         assert hows == ["warm-up", "captured"], hows

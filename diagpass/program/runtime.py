@@ -232,7 +232,7 @@ class DiagonalProgram:
                 return _Run(self, dict(zip(keys, args)), list(args[len(keys) :]), segments, last).outputs()
 
             values = [inputs[k] for k in keys] + list(stacks)
-            outputs, stats, how = self.graphs(program, values, key=(segments, last, tuple(keys)))
+            outputs, stats, how = self.graphs(program, values, key=(segments, last, tuple(keys)), owned=len(stacks))
             fresh = how not in ("replayed", "captured")  # a graph's stats are its capture run's
             stats = dataclasses.replace(stats, graph=how, compile_s=stats.compile_s if fresh else 0.0)
         self.last_stats = stats

@@ -68,7 +68,9 @@ class UnrolledProgram:
         stacks = self.stacks(*[args[i] for i in self.member_args])
         if self.graphs is None:
             return self.module(*args, *stacks)
-        outputs, _, self.last_graph = self.graphs(lambda *a: (self.module(*a), None), [*args, *stacks])
+        outputs, _, self.last_graph = self.graphs(
+            lambda *a: (self.module(*a), None), [*args, *stacks], owned=len(stacks)
+        )
         return outputs
 
 
