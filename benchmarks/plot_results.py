@@ -29,7 +29,7 @@ LABELS = {
 
 # H200 (2026-12-03): the sweep of every peer but the compiled sequential ones, in one process; the
 # paper's own code at 131K on the same kind of machine.
-H200_SWEEP = ["h200_sweep.json"]
+H200_SWEEP = ["h200_sweep.json", "h200_sweep_all.json"]  # later files win where they overlap
 H200_PAPER = "h200_db_official_131k.json"
 
 
