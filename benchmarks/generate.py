@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 32; tiny: 4)")
     p.add_argument("--peers", default=",".join(PEERS))
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed calls after the first (diagpass: a watched run, then the prefill's CUDA-graph capture)",
+    )
     p.add_argument("--quick", action="store_true", help="one repeat, no warm-up beyond the compile call")
     p.add_argument(
         "--noise",
