@@ -634,7 +634,12 @@ def compile(  # noqa: A001 - the public name the issue asks for
         model=model, arg_leaves=arg_leaves, arg_spec=arg_spec, length_dims=length_dims, segment=segment,
         mapping=mapping, report=report, keep_alive=keep_alive,
     )
-    cut_probes = prober.all(last)
+    if config.short_tail == "none" and last != segment:
+        raise ProbeError(
+            f"diagpass.compile: short_tail='none' proves whole segments only, but the probe's last segment has {last} "
+            f"of {segment} tokens: probe with whole segments"
+        )
+    cut_probes = prober.all(last, short=config.short_tail != "none")
     for probe, extra_map, _, _ in cut_probes:
         extra_maps.append(extra_map)
         probes.append(probe)
@@ -799,9 +804,13 @@ class _CutProber:
         self.length_dims, self.segment, self.mapping = length_dims, segment, mapping
         self.report, self.keep_alive = report, keep_alive
 
-    def all(self, last: int) -> list[tuple[Probe, _Mapping, Capture, Any]]:
-        """The cut probes for a user probe whose last segment has ``last`` tokens."""
+    def all(self, last: int, *, short: bool = True) -> list[tuple[Probe, _Mapping, Capture, Any]]:
+        """The cut probes for a user probe whose last segment has ``last`` tokens; with
+        ``short=False`` (``short_tail="none"``, a probe of whole segments) one of whole segments."""
         segment = self.segment
+        if not short:
+            log.info("diagpass.compile: short_tail='none': proving full segments only")
+            return [self.trace(segment)]
         try:
             return [self.trace(short) for short in _short_lengths(segment, {last})]
         except (_NoShortTail, GeneralisationError, StructureError) as error:

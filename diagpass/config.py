@@ -16,7 +16,7 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 StepCompiler = Literal["inductor", "eager"]
 Schedule = Literal["diagonal", "sequential"]
 Padding = Literal["none", "pow2", "max", "split"]
-ShortTail = Literal["inductor", "eager"]
+ShortTail = Literal["inductor", "eager", "none"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +95,10 @@ class DiagbatchConfig:
     """``diagpass.compile`` only: how the layers of a last segment shorter than the
     segment length run. ``"eager"`` runs the cell template eagerly (a new length costs no
     compile; the tail's L cells run unfused). ``"inductor"`` compiles one step per new
-    short length (seconds, once per length, then cached): for inputs whose lengths recur."""
+    short length (seconds, once per length, then cached): for inputs whose lengths recur.
+    ``"none"`` proves whole segments only (one cut probe traced instead of two: a shorter
+    compile); an input with a short last segment then runs the model itself, the reason in
+    ``report.runs``. ``fast.generate``'s prefill loop uses it: its calls are whole segments."""
 
     checkpoint_steps: bool = False
     """Training program only (autograd on): run each batched step under activation checkpointing

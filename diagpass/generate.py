@@ -584,7 +584,9 @@ class _Session:
         loop = SegmentLoop(cell, calls.length, calls.spec, calls.slots, len(calls.cut), resets)
         probe = [_probe_of(t, calls.length) for t in calls.cut]
         with torch.no_grad():
-            compiled = diagpass_compile(loop, *probe, *calls.shared, options=self.fast.options)
+            # The loop's calls are whole segments: prove those only (one cut probe traced, not two).
+            options = {**(self.fast.options or {}), "short_tail": "none"}
+            compiled = diagpass_compile(loop, *probe, *calls.shared, options=options)
         return loop, compiled
 
 

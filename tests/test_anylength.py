@@ -221,6 +221,25 @@ def test_short_tail_option_is_validated() -> None:
         diagpass.compile(model, _ids(1, 24), options={"short_tail": "fast"})
 
 
+def test_short_tail_none_proves_whole_segments_with_one_cut_probe() -> None:
+    """``short_tail="none"``: one cut probe (2 whole segments) instead of two; whole segments run
+    on the diagonal, exact; a short last segment runs the model itself, the reason recorded; a
+    probe that ends short is refused (nothing to prove whole segments with)."""
+    model = ReferenceStyleARMT(layers=2, segment_size=8, num_mem_tokens=2)
+    fast = diagpass.compile(model, _ids(1, 24), options={**EAGER_STEPS, "short_tail": "none"})
+    assert fast.report.probes == [(3, 8), (2, 8)] and not fast.report.short_tail
+    for length, path in ((40, "diagonal"), (37, "eager")):
+        ids = _ids(1, length, seed=length)
+        with torch.no_grad():
+            expected, actual = model(ids), fast(ids)
+        _assert_outputs_equal(actual, expected)
+        run = fast.report.runs[-1]
+        assert run.path == path, run
+        assert (run.reason is None) == (path == "diagonal"), run
+    with pytest.raises(diagpass.InputError, match="whole segments"):
+        diagpass.compile(model, _ids(1, 20), options={**EAGER_STEPS, "short_tail": "none"})
+
+
 # --- refusals: clear errors where generalisation is not proven ----------------------------------
 
 
