@@ -16,7 +16,16 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per xdist worker when the workers fill the cores: two workers of two threads on
+# two cores ran tests/test_backend.py and test_step_inputs.py 10% slower than with one each.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("DIAGPASS_TEST_THREADS", max(1, min(2, (os.cpu_count() or 1) // _workers)))))
+if _workers >= (os.cpu_count() or 1):
+    # Inductor compiles in this process, not in a pool of its own beside the other workers (5% less
+    # wall time on the same two files, cold caches).
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
 
 
 @pytest.fixture(autouse=True)
