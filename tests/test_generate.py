@@ -288,7 +288,8 @@ def test_smollm2_fast_generate_greedy_tokens_equal_at_1_4_and_9_segments() -> No
     )
     ids = tokenizer(text, return_tensors="pt").input_ids
     assert ids.shape[1] >= 9 * segment
-    fast = diagpass.compile(model, ids[:, : 3 * segment], options=EAGER_STEPS)
+    # Only fast.generate runs (never a forward with a short tail): prove whole segments only.
+    fast = diagpass.compile(model, ids[:, : 3 * segment], options={**EAGER_STEPS, "short_tail": "none"})
     for segments in (1, 4, 9):
         prompt = ids[:, : segments * segment - 5]
         _same_tokens(fast, prompt, max_new_tokens=8, do_sample=False)
