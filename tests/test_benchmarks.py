@@ -101,3 +101,19 @@ def test_timeline_charges_each_idle_gap_to_the_time_that_launched_the_next_kerne
     assert phases["ramp_down"]["idle_ms"] == 0.05
     assert result["idle_ms"] == 0.205 and result["device_span_ms"] == 0.94
     assert result["per_time"]["5"]["idle_ms"] == 0.0  # the device was busy when k4's turn came
+
+
+def test_generate_phases_tiny_cpu_smoke(tmp_path: Path) -> None:
+    """benchmarks/generate_phases.py: the prefill program and HF generate are each timed once, in order."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import generate_phases
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "phases.json"
+    generate_phases.main(["--tiny", "--device", "cpu", "--lengths", "48", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    labels = [label for label, _, _ in row["phases"]]
+    assert labels.count("diagonal prefill program") == 1 and labels.count("HF generate on the last segment") == 1
+    assert labels.index("diagonal prefill program") < labels.index("HF generate on the last segment")
+    assert "generate: diagonal" in row["record"] and row["ttft_s"] > 0
