@@ -634,11 +634,6 @@ def compile(  # noqa: A001 - the public name the issue asks for
         model=model, arg_leaves=arg_leaves, arg_spec=arg_spec, length_dims=length_dims, segment=segment,
         mapping=mapping, report=report, keep_alive=keep_alive,
     )
-    if config.short_tail == "none" and last != segment:
-        raise ProbeError(
-            f"diagpass.compile: short_tail='none' proves whole segments only, but the probe's last segment has {last} "
-            f"of {segment} tokens: probe with whole segments"
-        )
     cut_probes = prober.all(last, short=config.short_tail != "none")
     for probe, extra_map, _, _ in cut_probes:
         extra_maps.append(extra_map)
@@ -809,6 +804,11 @@ class _CutProber:
         ``short=False`` (``short_tail="none"``, a probe of whole segments) one of whole segments."""
         segment = self.segment
         if not short:
+            if last != segment:
+                raise ProbeError(
+                    f"diagpass.compile: short_tail='none' proves whole segments only, but the probe's last segment has "
+                    f"{last} of {segment} tokens: probe with whole segments"
+                )
             log.info("diagpass.compile: short_tail='none': proving full segments only")
             return [self.trace(segment)]
         try:

@@ -4,7 +4,6 @@ the diagonal program), token for token equal to the model's own ``generate`` (fp
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 from typing import Any
