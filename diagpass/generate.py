@@ -33,7 +33,6 @@ import logging
 import sys
 import time
 from collections.abc import Hashable, Iterator
-from itertools import chain
 from operator import is_, itemgetter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from torch import nn
 
 from diagpass.anylength import _NOT_STATE, _SCALARS, _same
 from diagpass.errors import DiagpassError, InputError
+from diagpass.write_watch import MISSING, WriteWatch
 
 if TYPE_CHECKING:
     from diagpass.anylength import AnyLengthModel
@@ -266,30 +266,16 @@ def _is_plain(name: str, value: Any) -> bool:
 class _Snapshot:
     """Every module's attribute dict, copied at one moment.
 
-    A ``dict.copy()`` per module runs in C: cheap enough to take at every ``generate`` call and to
-    compare at every collected segment call (the ``(path, name)``-keyed form, :meth:`plain`, costs a
-    Python step per attribute: about 6,000 on a 16-layer Llama)."""
+    A ``dict.copy()`` per module runs in C: cheap enough to take at every ``generate`` call (the
+    ``(path, name)``-keyed form, :meth:`plain`, costs a Python step per attribute: about 6,000 on a
+    16-layer Llama). Between segment calls a :class:`~diagpass.write_watch.WriteWatch` says what
+    changed, at the cost of the writes alone."""
 
     def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
         self.modules = modules
         self.dicts = [vars(m) for _, m in modules]
         self.copies = [d.copy() for d in self.dicts]
-        unique = list({id(d): (d, c) for d, c in zip(self.dicts, self.copies)}.values())  # shared modules once
-        self._live = [d for d, _ in unique]
-        self._lens = [len(c) for _, c in unique]
-        self._keys = list(chain.from_iterable(c for _, c in unique))
-        self._values = list(chain.from_iterable(c.values() for _, c in unique))
         self._plain: dict[tuple[str, str], Any] | None = None
-
-    def unchanged(self) -> bool:
-        """True when every module's dict holds the same names bound to the same objects as when
-        taken (three passes in C). False says nothing: compare attribute by attribute then."""
-        live = self._live
-        return (
-            list(map(len, live)) == self._lens
-            and list(chain.from_iterable(live)) == self._keys  # names: compared by value, safely
-            and all(map(is_, chain.from_iterable(map(dict.values, live)), self._values))  # values: by identity only
-        )
 
     def plain(self) -> dict[tuple[str, str], Any]:
         """The plain attributes, by ``(path, name)``."""
@@ -310,7 +296,7 @@ class _Snapshot:
             for name in [n for n, v in live.items() if n not in saved and _is_plain(n, v)]:
                 delattr(module, name)
             for name, value in saved.items():
-                if _is_plain(name, value) and live.get(name, _MISSING) is not value:
+                if _is_plain(name, value) and live.get(name, MISSING) is not value:
                     setattr(module, name, value)
 
     def apply_changes(self, since: _Snapshot) -> None:
@@ -319,7 +305,7 @@ class _Snapshot:
             if _same_dict(now, then):
                 continue
             for name, value in now.items():
-                if _is_plain(name, value) and not _same(then.get(name, _MISSING), value):
+                if _is_plain(name, value) and not _same(then.get(name, MISSING), value):
                     setattr(module, name, value)
 
     def fingerprint(self) -> Hashable:
@@ -397,8 +383,8 @@ class _Session:
         """Other modules called after the first collected call (they may have read the stale state)."""
         self.record = GenerateRecord(path="own")
         self._undo: list[Any] = []
-        self._watched: list[tuple[dict[str, Any], str, Any]] | None = None
-        self._sizes: list[tuple[dict[str, Any], int]] = []
+        self.watch: WriteWatch | None = None
+        """Writes through ``nn.Module``'s setters since the first segment call."""
         self.done = False
 
     @property
@@ -444,24 +430,20 @@ class _Session:
         if self.calls and id(module) not in self.candidate_ids:
             self.called_since.add(id(module))
 
-    def _state_changed(self) -> bool:
-        """Whether any plain attribute differs from the first segment call's (or one was added).
-
-        Usually nothing changed, and :meth:`_Snapshot.unchanged` proves that in C (every name
-        bound to the very same object). Otherwise this compares attribute by attribute, equal
-        scalars counting as the same (a Python step per attribute: about 0.5 ms per segment on a
-        16-layer Llama, once paid at every segment)."""
-        assert self.first is not None
-        if self.first.unchanged():
-            return False
-        if self._watched is None:
-            modules = dict(self.modules)
-            self._watched = [(vars(modules[path]), name, value) for (path, name), value in self.at_calls.items()]
-            self._sizes = [(d, len(d)) for d in {id(d): d for d in self.first.dicts}.values()]
-        missing = object()
-        return any(len(d) != n for d, n in self._sizes) or any(
-            not _same(d.get(name, missing), value) for d, name, value in self._watched
-        )
+    def _unseen_change(self) -> str | None:
+        """A plain attribute that differs from the first segment call's now, and was not written
+        through ``nn.Module``'s setters (which the watch saw): when it changed cannot be told."""
+        assert self.first is not None and self.watch is not None
+        for (path, module), live, saved in zip(self.modules, self.first.dicts, self.first.copies):
+            if _same_dict(live, saved):
+                continue
+            for name in {**saved, **live}:
+                now, then = live.get(name, MISSING), saved.get(name, MISSING)
+                if now is then or any(v is not MISSING and not _is_plain(name, v) for v in (now, then)):
+                    continue  # unchanged, or not state (module internals, this module's patches)
+                if not _same(now, then) and not self.watch.seen(module, name):
+                    return ".".join(filter(None, (path, name)))
+        return None
 
     def _collector(self, path: str, module: nn.Module) -> Any:
         def collect(*args: Any, **kwargs: Any) -> _PendingOutput:
@@ -472,8 +454,10 @@ class _Session:
                 raise NotApplicable(f"segments are run by two different modules ({self.cell[0]} and {path})")
             if self.first is None:
                 self.first, self.grad_enabled = _Snapshot(self.modules), torch.is_grad_enabled()
-            elif self._state_changed():
-                raise NotApplicable("the model's generate changes the model's state between two segment calls")
+                self.watch = WriteWatch(m for _, m in self.modules)
+                self._undo.append(self.watch.install())
+            elif self.watch is not None and (name := self.watch.first_change(_same)) is not None:
+                raise NotApplicable(f"the model's generate changes the model's state ({name}) between two segment calls")
             elif torch.is_grad_enabled() != self.grad_enabled:
                 raise NotApplicable("the segment calls run under different grad modes")
             self.calls.append((args, kwargs))
@@ -502,6 +486,12 @@ class _Session:
         fresh = _modules(self.model)
         if len(fresh) != len(self.modules) or any(p != q or a is not b for (p, a), (q, b) in zip(fresh, self.modules)):
             raise NotApplicable("the model's generate changed its submodules before decoding")
+        unseen = self._unseen_change()
+        if unseen is not None:
+            raise NotApplicable(
+                f"the model's generate changes the model's state ({unseen}) without nn.Module.__setattr__ "
+                "(a __dict__ write?) during the segment calls: which calls saw the change cannot be told"
+            )
         now = _Snapshot(self.modules)
         self.first.restore()  # the state the calls saw
         started = time.perf_counter()
@@ -579,7 +569,7 @@ class _Session:
         resets = [
             (modules[p], name, self.at_calls.get((p, name)))
             for (p, name), value in after.items()
-            if not _same(value, self.at_calls.get((p, name), _MISSING))
+            if not _same(value, self.at_calls.get((p, name), MISSING))
         ]
         loop = SegmentLoop(cell, calls.length, calls.spec, calls.slots, len(calls.cut), resets)
         probe = [_probe_of(t, calls.length) for t in calls.cut]
@@ -590,7 +580,6 @@ class _Session:
         return loop, compiled
 
 
-_MISSING = object()
 
 
 def _probe_of(tensor: torch.Tensor, length: int) -> torch.Tensor:

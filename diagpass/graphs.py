@@ -71,12 +71,18 @@ def _address(value: Any) -> int | None:
     return value.data_ptr() if isinstance(value, torch.Tensor) else None
 
 
+_SMALL_BYTES = 1 << 20
+"""An owned tensor (a weight stack) up to this size is copied in, not read in place: a replay
+then follows new weights (restacked elsewhere) without a capture again, for under a microsecond."""
+
+
 def _refill_arg(value: Any, seen_address: int | None, *, owned: bool = False) -> bool:
     """Whether a replay copies ``value`` into a buffer of the graph's own, else reads it in place.
 
-    Read in place: parameters and the program's own tensors (``owned``: its weight stacks), where
-    they did not move between the two calls before the capture; a replay checks that they still
-    have not moved, else it captures again. Copied: everything else, the inputs and state above
+    Read in place: parameters and the program's own large tensors (``owned``: its weight stacks),
+    where they did not move between the two calls before the capture; a replay checks that they
+    still have not moved, else it captures again. Copied: small stacks (a restack after a weight
+    update then costs a copy, not a capture), and everything else, the inputs and state above
     all, large or small. Where such a tensor sits is the caching allocator's choice: a 0.5 GB input
     built anew each call (the concatenated segments of ``fast.generate``'s prefill) kept its address
     for the two calls before the capture and then moved, so every few calls the program was
@@ -87,7 +93,9 @@ def _refill_arg(value: Any, seen_address: int | None, *, owned: bool = False) ->
         return False
     if value.data_ptr() != seen_address:
         return True
-    return not (owned or isinstance(value, torch.nn.Parameter))
+    if isinstance(value, torch.nn.Parameter):
+        return False
+    return not owned or value.numel() * value.element_size() <= _SMALL_BYTES
 
 
 def _copy_out(value: Any) -> Any:

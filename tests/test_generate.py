@@ -423,8 +423,9 @@ def test_the_prefill_program_has_the_schedule_of_fast(zoo: tuple[models.ARMT, di
 
 
 def test_a_generate_that_renames_an_attribute_between_segment_calls_runs_its_own() -> None:
-    """The state check per segment call compares names too, not only the objects bound: renaming
-    the last attribute of a layer (same count, same objects in the same order) is a change."""
+    """A rename through the layer's ``__dict__`` (no ``nn.Module.__setattr__`` for the write watch to
+    see), undone in part before decoding: the flush finds the attribute gone and refuses, since
+    which calls saw the change cannot be told."""
 
     class _RenamesAFlag(RecurrentWrapper):
         def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -451,3 +452,86 @@ def test_a_generate_that_renames_an_attribute_between_segment_calls_runs_its_own
     record = fast.report.generations[-1]
     assert record.path == "own" and "changes the model's state" in (record.reason or ""), record
     assert "hint" not in vars(model.memory_cell.layers[-1]) and "hint_" not in vars(model.memory_cell.layers[-1])
+
+
+def test_the_write_watch_sees_setattr_delattr_and_table_writes_and_nothing_else() -> None:
+    from diagpass.write_watch import MISSING, WriteWatch, attribute_of
+
+    layer = torch.nn.Linear(2, 2)
+    layer.register_buffer("memory", torch.zeros(2))
+    layer.flag = True
+    other = torch.nn.Linear(2, 2)
+    watch = WriteWatch([layer])
+    undo = watch.install()
+    try:
+        old_memory = layer.memory
+        layer.memory = torch.ones(2)  # into _buffers
+        layer.flag = False
+        setattr(layer, "added", 1)
+        del layer.flag
+        other.flag = 1  # not watched
+        layer.__dict__["bypass"] = 2  # not through the setters
+    finally:
+        undo()
+    layer.late = 3  # after the undo: not seen
+    assert torch.nn.Module.__setattr__ is not None and "watched" not in torch.nn.Module.__setattr__.__name__
+    assert watch.seen(layer, "memory") and watch.seen(layer, "flag") and watch.seen(layer, "added")
+    assert not watch.seen(layer, "bypass") and not watch.seen(other, "flag") and not watch.seen(layer, "late")
+    assert watch.before[(id(layer), "memory")][1] is old_memory and watch.before[(id(layer), "flag")][1] is True
+    assert watch.before[(id(layer), "added")][1] is MISSING and attribute_of(layer, "flag") is MISSING
+    assert watch.first_change(lambda a, b: a is b) == "memory"
+
+
+class _FlipsAFlagAroundEachCall(RecurrentWrapper):
+    """Sets a flag for each segment call and clears it after: every call sees the same state."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        self.memory_cell.zero_mem()
+        segmented = self.segment(input_ids=input_ids)
+        for segment in segmented[:-1]:
+            self.memory_cell.layers[0].in_segment = True
+            self.memory_cell(**segment, zero_mem=False)
+            self.memory_cell.layers[0].in_segment = False
+        out = self.memory_cell.generate(**segmented[-1], attention_mask=None, zero_mem=False, **kwargs)
+        self.memory_cell.zero_mem()
+        return out
+
+
+class _SwapsABufferBetweenCalls(RecurrentWrapper):
+    """Rebinds a registered buffer of a layer between segment calls (through ``_buffers``)."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        self.memory_cell.zero_mem()
+        segmented = self.segment(input_ids=input_ids)
+        for index, segment in enumerate(segmented[:-1]):
+            self.memory_cell.layers[0].scale = torch.full((1,), float(index))
+            self.memory_cell(**segment, zero_mem=False)
+        out = self.memory_cell.generate(**segmented[-1], attention_mask=None, zero_mem=False, **kwargs)
+        self.memory_cell.zero_mem()
+        return out
+
+
+def test_a_flag_set_and_cleared_around_each_segment_call_still_runs_on_the_diagonal() -> None:
+    model = reference_style_armt()
+    model.__class__ = _FlipsAFlagAroundEachCall
+    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+    ids = _ids(1, 4 * 8 + 1)
+    want = model.generate(ids, max_new_tokens=3, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+    record = fast.report.generations[-1]
+    assert record.path == "diagonal", record
+    assert model.memory_cell.layers[0].in_segment is False
+
+
+def test_a_buffer_swapped_between_segment_calls_runs_its_own() -> None:
+    model = reference_style_armt()
+    model.memory_cell.layers[0].register_buffer("scale", torch.zeros(1))
+    model.__class__ = _SwapsABufferBetweenCalls
+    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
+    ids = _ids(1, 4 * 8 + 1)
+    want = model.generate(ids, max_new_tokens=2, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(got, want)
+    record = fast.report.generations[-1]
+    assert record.path == "own" and "changes the model's state (scale)" in (record.reason or ""), record

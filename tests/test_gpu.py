@@ -146,7 +146,7 @@ def test_failed_capture_leaves_the_rng_usable() -> None:
         return x * float(x.sum().item()), None
 
     x = torch.ones(4, device="cuda")
-    assert graphs._capture(syncs, [x], [x.data_ptr()], "k") is None
+    assert graphs._capture(syncs, [x], [x.data_ptr()], "k", 0) is None
     assert graphs.failures["k"].startswith("CUDA graph capture failed")
     torch.randn(8, device="cuda").normal_()  # raised "Offset increment outside graph capture" before
 

@@ -58,5 +58,7 @@ def test_which_arguments_a_replay_refills() -> None:
     # concatenated prefill segments moved on the third call and were captured again, every few calls).
     assert _refill_arg(big, big.data_ptr())
     assert not _refill_arg(big, big.data_ptr(), owned=True) and _refill_arg(big, big.data_ptr() + 1, owned=True)
+    # A small stack of the program's own is copied: a restack after a weight update then replays.
+    assert _refill_arg(small, small.data_ptr(), owned=True)
     assert not _refill_arg(weight, weight.data_ptr()) and _refill_arg(weight, None)
     assert not _refill_arg(3, None)
