@@ -104,10 +104,8 @@ def capture(model: torch.nn.Module | Any, args: tuple[Any, ...], kwargs: dict[st
     """
     result = Capture()
     trace_clock.install()
-    backend_s = 0.0
 
     def recorder(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Any:
-        nonlocal backend_s
         elapsed = trace_clock.elapsed()
         if elapsed is not None:
             result.trace_s += elapsed

@@ -29,7 +29,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 
 from diagpass.errors import ConfigError
