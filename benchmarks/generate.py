@@ -10,7 +10,10 @@ Peers, on the same random weights (W_mv non-zero) and the same prompt (batch 1, 
 
 Time to first token is a ``max_new_tokens=1`` call; total is a ``max_new_tokens=N`` call
 (``min_new_tokens=N`` so that no EOS stops it early). CUDA events after warm-up, median of
---repeats; peak memory of the total call. diagpass's tokens are checked against the model's own.
+--repeats; peak memory of the total call. Decoding per token is timed inside one total call, from
+the first new token to the last (HF's ``streamer`` hook: :class:`TokenClock`), so that the noise
+of a peer's prefill (the own generate's sequential segments move by 0.5 s between calls) does not
+leak into it. diagpass's tokens are checked against the model's own.
 The prefill latency of the full segments alone (the issue's bound on time to first token: +10%) is
 measured in the same process, as ``benchmarks/prefill.py`` measures it: LM head Identity.
 """
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"diagpass.compile: {compile_s:.1f}s; T={T} m={cfg['mem']} {cfg['dtype']} on {device}")
     headless = diagpass.compile(without_lm_head(model), probe, options=options) if "diagpass" in peers else None
 
-    def call(peer: str, ids: torch.Tensor, n: int) -> torch.Tensor:
-        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    def call(peer: str, ids: torch.Tensor, n: int, streamer: Any = None) -> torch.Tensor:
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=streamer)
         with torch.no_grad():
             if peer == "diagpass":
                 return fast.generate(ids, **kwargs)
@@ -110,11 +113,12 @@ def main(argv: list[str] | None = None) -> None:
             first_call_s = time.perf_counter() - first_call
             ttft = timer.median(lambda: call(peer, ids, 1), warmup=warmup, repeats=repeats)
             total = timer.median(lambda: call(peer, ids, new_tokens), warmup=0, repeats=repeats)
-            outputs[peer], peak = peak_memory(device, lambda: call(peer, ids, new_tokens))
+            clock = TokenClock()
+            outputs[peer], peak = peak_memory(device, lambda: call(peer, ids, new_tokens, clock))  # noqa: B023
             row[peer] = {
                 "ttft_s": ttft,
                 "total_s": total,
-                "decode_ms_per_token": 1e3 * (total - ttft) / max(1, new_tokens - 1),
+                "decode_ms_per_token": clock.ms_per_token(),
                 "peak_gib": peak,
                 "first_call_s": first_call_s,
             }
@@ -178,6 +182,25 @@ def prefill_bound(
             compiled(head)  # compiles this length's steps, outside the timing
             times[name] = timer.median(functools.partial(compiled, head), warmup=warmup, repeats=repeats)
     return {"full_segments": full_segments, **times, "bound_s": 1.1 * times["prefill_s"]}
+
+
+class TokenClock:
+    """An HF ``generate`` streamer that notes when each new token reaches the host (HF syncs
+    there anyway, for its stopping criteria): the first ``put`` is the prompt, the rest tokens."""
+
+    def __init__(self) -> None:
+        self.puts: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def ms_per_token(self) -> float:
+        """Milliseconds per new token after the first (``nan`` with fewer than two tokens)."""
+        tokens = self.puts[1:]
+        return 1e3 * (tokens[-1] - tokens[0]) / (len(tokens) - 1) if len(tokens) >= 2 else float("nan")
 
 
 def without_lm_head(model: Any) -> Any:

@@ -65,6 +65,8 @@ def test_generate_tiny_cpu_smoke(tmp_path: Path) -> None:
         assert row["diagpass"]["path"] == "diagonal" and row["diagpass"]["prefill_segments"] == row["segments"] - 1
         assert {"own", "full"} <= set(row)
         assert all(row[p]["ttft_s"] > 0 and row[p]["total_s"] > 0 for p in ("diagpass", "own", "full"))
+        # Timed token by token through HF's streamer hook: a number for every peer (4 new tokens).
+        assert all(row[p]["decode_ms_per_token"] > 0 for p in ("diagpass", "own", "full")), row
 
 
 def test_timeline_charges_each_idle_gap_to_the_time_that_launched_the_next_kernel(tmp_path: Path) -> None:
