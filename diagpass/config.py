@@ -16,7 +16,7 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 StepCompiler = Literal["inductor", "eager"]
 Schedule = Literal["diagonal", "sequential"]
 Padding = Literal["none", "pow2", "max", "split"]
-ShortTail = Literal["inductor", "eager", "none"]
+ShortTail = Literal["inductor", "eager", "dynamic", "none"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +96,12 @@ class DiagbatchConfig:
     segment length run. ``"eager"`` runs the cell template eagerly (a new length costs no
     compile; the tail's L cells run unfused). ``"inductor"`` compiles one step per new
     short length (seconds, once per length, then cached): for inputs whose lengths recur.
-    ``"none"`` proves whole segments only (one cut probe traced instead of two: a shorter
+    ``"dynamic"`` compiles the tail's steps for every short length at once: the template reads
+    the length as an input, and ``torch.compile``'s automatic dynamic shapes compile it at the
+    first short length and once more, symbolic in the length, at the second; later lengths
+    compile nothing (Dynamo's guards check that the kernels hold). The tail's cells run
+    compiled, each in a call of its own (not batched with the full cells of its diagonal).
+    Needs ``compiler="inductor"`` (with ``"eager"`` steps the tail runs eagerly). ``"none"`` proves whole segments only (one cut probe traced instead of two: a shorter
     compile); an input with a short last segment then runs the model itself, the reason in
     ``report.runs``. ``fast.generate``'s prefill loop uses it: its calls are whole segments."""
 

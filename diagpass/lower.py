@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -494,11 +494,14 @@ class StepCompiler:
         config: DiagbatchConfig,
         static: Sequence[bool] = (),
         carry: int | None = None,
+        dynamic: bool = False,
     ) -> tuple[CompiledStep, bool]:
         """The compiled step for these inputs, and whether it was compiled just now.
 
         ``carry``: the step takes one more argument after the slots, ``head``, and returns
         output ``carry`` one lane up after it (:func:`with_carry`).
+        ``dynamic``: the template's last argument is a length ``n`` (a short tail's) and the
+        step serves every ``n`` (:meth:`_dynamic`): the cache key holds no sizes and no ints.
         """
         if carry is not None and static:
             static = [*static, False]  # head: a new value at every call
@@ -506,13 +509,14 @@ class StepCompiler:
         # A step that autograd must follow compiles forward and backward (AOTAutograd), and
         # only for inputs that require grad in the same places.
         grads = training_step(args)
+        dynamic = dynamic and grads is None and config.compiler == "inductor"  # else one static compile per n
         cache_key = (
             key,
             batch,
             tuple(in_dims),
             tuple(static),
             # Inductor specialises on the layouts it saw: key on every argument's.
-            tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args),
+            tuple(_dynamic_layout(a) if dynamic else _layout(a) for a in args),
             devices,
             config.compiler,
             config.cudagraphs,
@@ -535,11 +539,13 @@ class StepCompiler:
             batched = with_carry(batched, carry)
         if config.compiler == "eager":
             step = CompiledStep(fn=batched, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+        elif dynamic:
+            step = self._dynamic(single_cell(template, in_dims) if batch == 1 else batched, config, batch, start)
         elif grads is not None:
             step = self._inductor_training(batched, args, batch, config, start)
         else:
             step = self._inductor(batched, args, batch, config, start, static)
-        if grads is None and (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
+        if grads is None and not dynamic and (config.cudagraphs or batch <= config.cudagraph_lanes) and devices == ("cuda",):
             step.fn = GraphedStep(step.fn, static or [False] * len(args))
         counters["diagpass"]["step_compiles"] += 1
         if carry is not None:
@@ -553,6 +559,29 @@ class StepCompiler:
         )
         self._cache[cache_key] = step
         return step, True
+
+    @staticmethod
+    def _dynamic(step: Callable[..., Any], config: DiagbatchConfig, batch: int, start: float) -> CompiledStep:
+        """``torch.compile`` of ``step``, whose last argument is the tail length ``n``: Dynamo's
+        automatic dynamic shapes compile the first ``n`` static and, at the first other ``n``,
+        once more with ``n`` and the sizes that follow it symbolic; its guards then serve every
+        later ``n`` (and recompile, rather than run a wrong kernel, where one does not hold).
+        Compiled lazily, on the first call: each Dynamo compile is counted as a step compile, so
+        a program graph warm-up that compiled is never taken for one that synchronises."""
+        options = dict(config.inductor) or None
+        compiled = torch.compile(step, backend="inductor", options=options, dynamic=None)
+        stats = counters["stats"]
+
+        def run(*step_args: Any) -> Any:
+            before = stats["unique_graphs"]
+            outputs = compiled(*step_args)
+            if stats["unique_graphs"] != before:
+                counters["diagpass"]["step_compiles"] += 1
+                counters["diagpass"]["dynamic_tail_compiles"] += 1
+                log.info("compiled the short tail's step at n=%s (Dynamo, automatic dynamic shapes)", step_args[-1])
+            return outputs
+
+        return CompiledStep(fn=run, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
 
     @staticmethod
     def _inductor(
@@ -642,6 +671,17 @@ class StepCompiler:
         return CompiledStep(
             fn=run, batch=batch, batched_gemms=gemms, compile_s=time.perf_counter() - start, aten_graph=aten
         )
+
+
+def _layout(value: Any) -> Hashable:
+    return (tuple(value.shape), value.stride(), value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _dynamic_layout(value: Any) -> Hashable:
+    """What a step dynamic in the tail length keys on: no sizes, no int values."""
+    if isinstance(value, torch.Tensor):
+        return (value.dim(), value.dtype)
+    return type(value).__name__ if isinstance(value, int) else repr(value)
 
 
 def training_step(args: Sequence[Any]) -> tuple[bool, ...] | None:

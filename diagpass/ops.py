@@ -32,7 +32,7 @@ def _sdpa(
 ) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-    ).clone()
+    ).clone(memory_format=torch.contiguous_format)  # the fake's layout: Inductor asserts it (kernels differ)
 
 
 @_sdpa.register_fake

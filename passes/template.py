@@ -40,6 +40,7 @@ __all__ = [
     "TemplateAnalysis",
     "extract_templates",
     "build_template_module",
+    "LengthExpr",
     "node_value",
     "draws_random",
     "writes_in_place",
@@ -385,6 +386,15 @@ def _uniformity(
     return False, f"cell {odd.exemplar} differs from the template of cell {main.exemplar}: {op}"
 
 
+@dataclass(frozen=True)
+class LengthExpr:
+    """``offset + scale * n``: an int literal of a template that serves every short length ``n``,
+    read from its trailing ``length`` placeholder (``build_template_module(length_input=True)``)."""
+
+    offset: int
+    scale: int
+
+
 def build_template_module(
     template: CellTemplate,
     bindings: dict[Cell, CellBinding],
@@ -392,6 +402,7 @@ def build_template_module(
     *,
     rewrite: Callable[[torch.fx.Node], tuple[Any, Any]] | None = None,
     class_name: str | None = None,
+    length_input: bool = False,
 ) -> torch.fx.GraphModule:
     """A standalone ``GraphModule``: one placeholder per input slot, a tuple of outputs.
 
@@ -399,6 +410,8 @@ def build_template_module(
     is the captured module, which holds whatever ``get_attr`` nodes the body reads.
     ``rewrite(node)``, when given, returns the ``(args, kwargs)`` to use for ``node`` (still
     naming the exemplar's nodes); the reroll pass uses it to put other int literals in.
+    ``length_input``: one more placeholder, ``length`` (an int), after the slots; a
+    :class:`LengthExpr` in what ``rewrite`` returns becomes ``offset + scale * length``.
     """
     binding = bindings[template.exemplar]
     graph = torch.fx.Graph()
@@ -407,11 +420,24 @@ def build_template_module(
         placeholder = graph.placeholder(f"slot{slot}_{node.name}")
         placeholder.meta = dict(node.meta)
         env[node] = placeholder
+    length = graph.placeholder("length") if length_input else None
+
+    def materialise(value: Any) -> Any:
+        if not isinstance(value, LengthExpr):
+            return value
+        assert length is not None, "a LengthExpr needs length_input=True"
+        scaled = length if value.scale == 1 else graph.call_function(operator.mul, (length, value.scale))
+        expr = scaled if value.offset == 0 else graph.call_function(operator.add, (scaled, value.offset))
+        env[expr] = expr
+        return expr
+
     for node in template.nodes:
         if rewrite is None:
             env[node] = graph.node_copy(node, lambda n: env[n])
             continue
         args, kwargs = rewrite(node)
+        if length is not None:
+            args, kwargs = torch.fx.node.map_aggregate(args, materialise), torch.fx.node.map_aggregate(kwargs, materialise)
         new = graph.create_node(
             node.op, node.target, torch.fx.map_arg(args, env.__getitem__), torch.fx.map_arg(kwargs, env.__getitem__), name=node.name
         )

@@ -30,8 +30,8 @@ from diagpass.config import DiagbatchConfig
 from diagpass.lower import prepare_attention, use_batched_attention
 from diagpass.passes import Cell, CellLabels, TemplateAnalysis, build_template_module
 from diagpass.passes.detach import DetachRule, FixedDetaches
-from diagpass.passes.reroll import RerollError, RerollPlan, UnitForm, walk_arg
-from diagpass.passes.template import CellTemplate
+from diagpass.passes.reroll import Fit, RerollError, RerollPlan, UnitForm, walk_arg
+from diagpass.passes.template import CellTemplate, LengthExpr
 from diagpass.program import lifetime
 from diagpass.program.chunks import Chunk, Ref, build_chunk, build_outer
 from diagpass.program.steps import VariantPlan, step_in_dims
@@ -227,21 +227,48 @@ class _Planner:
         )
 
     def tail_variant(self, index: int, n: int) -> VariantPlan:
-        """Steady variant ``index`` with its int literals at segment length ``n``."""
+        """Steady variant ``index`` with its int literals at segment length ``n``.
+
+        With ``short_tail="dynamic"`` the literals that depend on the length read it from the
+        template's trailing ``length`` input instead (every ``n`` gets the same template code
+        and compile key), so one compiled step serves every short length."""
         base = self.variants[index]
         template = self.template_of(index)
         # The exemplar must be a steady unit's cell: the literal slots are read off that unit.
         cell = next(c for c in sorted(template.cells, key=lambda c: (c[1], c[0])) if c[1] == 1)
         exemplar = dataclasses.replace(template, exemplar=cell, nodes=self.labels.cells[cell])
         split, proof = self.proof.split, self.proof
+        dynamic = self.config.short_tail == "dynamic" and self.config.compiler == "inductor"
+
+        def literal(slot: int) -> Any:
+            fit = proof.fits[slot]
+            if dynamic and isinstance(fit, Fit) and fit.c != 0:
+                return LengthExpr(offset=fit.a + fit.b, scale=fit.c)  # fit(1, n) = a + b + c*n
+            return fit(1, n)
 
         def at_length(node: torch.fx.Node) -> tuple[Any, Any]:
             slots = iter(proof.steady.slots_of[split.position[node]])  # args, then kwargs: the proof's order
-            args = walk_arg(node.args, lambda a: a, lambda _: proof.fits[next(slots)](1, n))
-            return args, walk_arg(node.kwargs, lambda a: a, lambda _: proof.fits[next(slots)](1, n))
+            args = walk_arg(node.args, lambda a: a, lambda _: literal(next(slots)))
+            return args, walk_arg(node.kwargs, lambda a: a, lambda _: literal(next(slots)))
 
-        module = build_template_module(exemplar, self.bindings, self.gm, rewrite=at_length, class_name="CellTemplateShortTail")
+        module = build_template_module(
+            exemplar, self.bindings, self.gm, rewrite=at_length, class_name="CellTemplateShortTail", length_input=dynamic
+        )
         use_batched_attention(module)  # the mask is not proven causal at n: every slot is read
+        in_dims = step_in_dims(template.slot_kinds)
+        if dynamic:
+            return dataclasses.replace(
+                base,
+                name=f"short tail (n={n}, any length)",
+                template=module,
+                key=f"{template.key}|n=any",
+                slot_kinds=list(template.slot_kinds),
+                in_dims=[*in_dims, None],
+                config=dataclasses.replace(self.config, compiler="inductor"),
+                carry=None,
+                length=n,
+                single_lane=True,  # one tail cell per diagonal: never padded to min_lanes
+            )
         inductor = self.config.compiler == "inductor"
         return dataclasses.replace(
             base,
@@ -249,9 +276,10 @@ class _Planner:
             template=module,
             key=f"{template.key}|n={n}",
             slot_kinds=list(template.slot_kinds),
-            in_dims=step_in_dims(template.slot_kinds),
+            in_dims=in_dims,
             config=dataclasses.replace(self.config, compiler=self.config.short_tail) if inductor else None,
             carry=None,
+            single_lane=True,  # one tail cell per diagonal: never padded to min_lanes
         )
 
     # -- units ----------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class VariantPlan:
     """``(slot, output)``: output ``output`` of lane l is slot ``slot`` of lane l+1 at the next
     step (the hidden states). Every step of the variant then writes that output one lane up,
     after a ``head`` (:func:`diagpass.lower.with_carry`). ``None``: no such pair was found."""
+    length: int | None = None
+    """A short tail's length ``n`` where the template takes it as a trailing int input
+    (``short_tail="dynamic"``: one compiled step, dynamic in ``n``, for every short length)."""
 
 
 _IN_PLACE = ("members live in the stack",)
@@ -265,6 +268,8 @@ class StepRunner(torch.nn.Module):
             args.append(head if head is not None else args[plan.carry[0]][0])
         else:
             assert head is None, "a head for a template without a proven carry"
+        if plan.length is not None:
+            args.append(plan.length)
         resolved_key = (group_id, carry, training_step(args))  # autograd's needs change the compiled step
         step = self._resolved.get(resolved_key)
         if step is None:  # a group's argument layouts never change: look its step up once
@@ -275,8 +280,9 @@ class StepRunner(torch.nn.Module):
                 args=args,
                 batch=num_lanes,
                 config=plan.config or self.config,
-                static=[kind == "by_layer" for kind in plan.slot_kinds],
+                static=[kind == "by_layer" for kind in plan.slot_kinds] + [False] * (plan.length is not None),
                 carry=carry,
+                dynamic=plan.length is not None,
             )
             self._resolved[resolved_key] = step
             if id(step) not in self.used_steps:
