@@ -389,6 +389,9 @@ class CompiledStep:
     """Seconds spent tracing and compiling."""
     aten_graph: torch.fx.GraphModule | None = None
     """The batched ATen graph handed to Inductor."""
+    late_compile_s: float = 0.0
+    """Compile seconds spent inside calls since the caller last took them (a dynamic short tail
+    compiles on its calls: :meth:`StepCompiler._dynamic`)."""
 
 
 _graph_pool: Any = None
@@ -573,15 +576,18 @@ class StepCompiler:
         stats = counters["stats"]
 
         def run(*step_args: Any) -> Any:
-            before = stats["unique_graphs"]
+            before, started = stats["unique_graphs"], time.perf_counter()
             outputs = compiled(*step_args)
             if stats["unique_graphs"] != before:
+                seconds = time.perf_counter() - started
+                result.late_compile_s += seconds
                 counters["diagpass"]["step_compiles"] += 1
                 counters["diagpass"]["dynamic_tail_compiles"] += 1
-                log.info("compiled the short tail's step at n=%s (Dynamo, automatic dynamic shapes)", step_args[-1])
+                log.info("compiled the short tail's step at n=%s in %.2fs (Dynamo, automatic dynamic shapes)", step_args[-1], seconds)
             return outputs
 
-        return CompiledStep(fn=run, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+        result = CompiledStep(fn=run, batch=batch, batched_gemms=0, compile_s=time.perf_counter() - start)
+        return result
 
     @staticmethod
     def _inductor(

@@ -296,6 +296,9 @@ class StepRunner(torch.nn.Module):
             counters["diagpass"]["checkpointed_steps"] += 1
         else:
             outputs = step.fn(*args)
+        if step.late_compile_s:
+            self.compile_s += step.late_compile_s
+            step.late_compile_s = 0.0
         counters["diagpass"]["batched_steps"] += 1
         counters["diagpass"]["cells_run"] += num_cells
         if carry is None:
