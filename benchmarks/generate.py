@@ -10,8 +10,8 @@ Peers, on the same random weights (W_mv non-zero) and the same prompt (batch 1, 
 
 Time to first token is a ``max_new_tokens=1`` call; total is a ``max_new_tokens=N`` call
 (``min_new_tokens=N`` so that no EOS stops it early). CUDA events after warm-up, median of
---repeats; peak memory of the total call. Decoding per token is timed inside one total call, from
-the first new token to the last (HF's ``streamer`` hook: :class:`TokenClock`), so that the noise
+--repeats; peak memory of the total call. Decoding per token is timed inside each total call, from
+the first new token to the last (median over the calls) (HF's ``streamer`` hook: :class:`TokenClock`), so that the noise
 of a peer's prefill (the own generate's sequential segments move by 0.5 s between calls) does not
 leak into it. diagpass's tokens are checked against the model's own.
 The prefill latency of the full segments alone (the issue's bound on time to first token: +10%) is
@@ -25,6 +25,7 @@ import copy
 import functools
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "kernel is the noise reference for diagpass's agreement",
     )
     return p.parse_args(argv)
+
+
+def device_allocations(device: torch.device) -> int:
+    """``cudaMalloc`` calls by the caching allocator so far (0 on the CPU): a decode loop whose
+    cache finds no free block of its size (the rest held by a graph's private pool) pays for them."""
+    return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if device.type == "cuda" else 0
 
 
 def peak_memory(device: torch.device, fn: Any) -> tuple[Any, float]:
@@ -112,13 +119,22 @@ def main(argv: list[str] | None = None) -> None:
             timer.sync()
             first_call_s = time.perf_counter() - first_call
             ttft = timer.median(lambda: call(peer, ids, 1), warmup=warmup, repeats=repeats)
-            total = timer.median(lambda: call(peer, ids, new_tokens), warmup=0, repeats=repeats)
-            clock = TokenClock()
-            outputs[peer], peak = peak_memory(device, lambda: call(peer, ids, new_tokens, clock))  # noqa: B023
+            clocks: list[TokenClock] = []
+
+            def timed_total() -> torch.Tensor:
+                clocks.append(TokenClock())
+                return call(peer, ids, new_tokens, clocks[-1])  # noqa: B023
+
+            total = timer.median(timed_total, warmup=0, repeats=repeats)
+            allocs = device_allocations(device)
+            outputs[peer], peak = peak_memory(device, lambda: call(peer, ids, new_tokens))  # noqa: B023
+            allocs = device_allocations(device) - allocs
             row[peer] = {
                 "ttft_s": ttft,
                 "total_s": total,
-                "decode_ms_per_token": clock.ms_per_token(),
+                "decode_ms_per_token": statistics.median(c.ms_per_token() for c in clocks),
+                "decode_ms_per_token_calls": [c.ms_per_token() for c in clocks],
+                "device_allocations_per_total_call": allocs,
                 "peak_gib": peak,
                 "first_call_s": first_call_s,
             }
