@@ -224,12 +224,12 @@ def test_dynamic_short_tail_compiles_twice_for_every_short_length() -> None:
     model = models.build_armt(segment_size=8, num_mem_tokens=4, d_mem=8)
     compiles = []
     fast = diagpass.compile(model, _ids(1, 24, model.config.vocab_size), options={"short_tail": "dynamic"})
-    for length in (53, 51, 54, 52, 53):
+    for length in (53, 51, 54, 53):
         assert_fast_matches_eager(fast, model, length)
         compiles.append(counters["diagpass"]["dynamic_tail_compiles"])
         variants = fast.program.layout(7, length - 48).plans
         assert any(v.length == length - 48 and v.key.endswith("|n=any") for v in variants)
-    assert compiles[0] == 1 and compiles[1] in (2, 3) and compiles[2:] == [compiles[1]] * 3, compiles
+    assert compiles[0] == 1 and compiles[1] in (2, 3) and compiles[2:] == [compiles[1]] * 2, compiles
     assert fast.report.runs[-1].stats.compile_s < 0.05
 
 
