@@ -17,7 +17,7 @@ def test_prefill_tiny_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "tiny.json"
     proc = subprocess.run(
         # One length: each peer traces once (the CI budget); the tiny default runs 48 and 96.
-        [sys.executable, str(REPO / "benchmarks" / "prefill.py"), "--tiny", "--device", "cpu", "--lengths", "80", "--json", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "prefill.py"), "--tiny", "--device", "cpu", "--lengths", "80", "--peers", "full,eager,diagbatch,ablation", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -30,7 +30,8 @@ def test_prefill_tiny_cpu_smoke(tmp_path: Path) -> None:
     for row in data["rows"]:
         assert row["diagbatch"]["applied"] is True
         assert row["diagbatch"]["steps"] == data["env"]["layers"] + row["tokens"] // data["env"]["segment"] - 1
-        assert {"full", "eager", "layers", "model", "ablation"} <= set(row)
+        # The compiled sequential peers (layers, model) are two more Inductor compiles: run on the GPU only.
+        assert {"full", "eager", "ablation"} <= set(row)
 
 
 @pytest.mark.slow
