@@ -216,15 +216,21 @@ class _ChangesStateBetweenCalls(RecurrentWrapper):
         return out
 
 
-def test_a_generate_that_changes_state_between_segment_calls_runs_its_own() -> None:
-    model = reference_style_armt()
-    model.__class__ = _ChangesStateBetweenCalls
+def _generate_as(generate_class: type, tokens: int = 3, model: RecurrentWrapper | None = None) -> Any:
+    """The reference-style ARMT with its ``generate`` replaced by ``generate_class``'s: compile it,
+    check that ``fast.generate`` returns the model's own tokens, and return the generate record."""
+    model = model if model is not None else reference_style_armt()
+    model.__class__ = generate_class
     fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
     ids = _ids(1, 4 * 8 + 1)
-    want = model.generate(ids, max_new_tokens=3, do_sample=False)
-    got = fast.generate(ids, max_new_tokens=3, do_sample=False)
+    want = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=tokens, do_sample=False)
     assert torch.equal(got, want)
-    record = fast.report.generations[-1]
+    return fast.report.generations[-1]
+
+
+def test_a_generate_that_changes_state_between_segment_calls_runs_its_own() -> None:
+    record = _generate_as(_ChangesStateBetweenCalls)
     assert record.path == "own" and "changes the model's state" in (record.reason or ""), record
 
 
@@ -443,13 +449,7 @@ def test_a_generate_that_renames_an_attribute_between_segment_calls_runs_its_own
             return out
 
     model = reference_style_armt()
-    model.__class__ = _RenamesAFlag
-    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
-    ids = _ids(1, 4 * 8 + 1)
-    want = model.generate(ids, max_new_tokens=2, do_sample=False)
-    got = fast.generate(ids, max_new_tokens=2, do_sample=False)
-    assert torch.equal(got, want)
-    record = fast.report.generations[-1]
+    record = _generate_as(_RenamesAFlag, tokens=2, model=model)
     assert record.path == "own" and "changes the model's state" in (record.reason or ""), record
     assert "hint" not in vars(model.memory_cell.layers[-1]) and "hint_" not in vars(model.memory_cell.layers[-1])
 
@@ -513,13 +513,7 @@ class _SwapsABufferBetweenCalls(RecurrentWrapper):
 
 def test_a_flag_set_and_cleared_around_each_segment_call_still_runs_on_the_diagonal() -> None:
     model = reference_style_armt()
-    model.__class__ = _FlipsAFlagAroundEachCall
-    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
-    ids = _ids(1, 4 * 8 + 1)
-    want = model.generate(ids, max_new_tokens=3, do_sample=False)
-    got = fast.generate(ids, max_new_tokens=3, do_sample=False)
-    assert torch.equal(got, want)
-    record = fast.report.generations[-1]
+    record = _generate_as(_FlipsAFlagAroundEachCall, model=model)
     assert record.path == "diagonal", record
     assert model.memory_cell.layers[0].in_segment is False
 
@@ -527,11 +521,5 @@ def test_a_flag_set_and_cleared_around_each_segment_call_still_runs_on_the_diago
 def test_a_buffer_swapped_between_segment_calls_runs_its_own() -> None:
     model = reference_style_armt()
     model.memory_cell.layers[0].register_buffer("scale", torch.zeros(1))
-    model.__class__ = _SwapsABufferBetweenCalls
-    fast = diagpass.compile(model, _ids(1, 3 * 8), options=EAGER_STEPS)
-    ids = _ids(1, 4 * 8 + 1)
-    want = model.generate(ids, max_new_tokens=2, do_sample=False)
-    got = fast.generate(ids, max_new_tokens=2, do_sample=False)
-    assert torch.equal(got, want)
-    record = fast.report.generations[-1]
+    record = _generate_as(_SwapsABufferBetweenCalls, tokens=2, model=model)
     assert record.path == "own" and "changes the model's state (scale)" in (record.reason or ""), record

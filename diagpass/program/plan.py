@@ -256,29 +256,22 @@ class _Planner:
         )
         use_batched_attention(module)  # the mask is not proven causal at n: every slot is read
         in_dims = step_in_dims(template.slot_kinds)
-        if dynamic:
-            return dataclasses.replace(
-                base,
-                name=f"short tail (n={n}, any length)",
-                template=module,
-                key=f"{template.key}|n=any",
-                slot_kinds=list(template.slot_kinds),
-                in_dims=[*in_dims, None],
-                config=dataclasses.replace(self.config, compiler="inductor"),
-                carry=None,
-                length=n,
-                single_lane=True,  # one tail cell per diagonal: never padded to min_lanes
-            )
-        inductor = self.config.compiler == "inductor"
+        if dynamic:  # one compiled step for every n: the length is its last argument
+            config, in_dims = dataclasses.replace(self.config, compiler="inductor"), [*in_dims, None]
+        elif self.config.compiler == "inductor":
+            config = dataclasses.replace(self.config, compiler=self.config.short_tail)
+        else:
+            config = None
         return dataclasses.replace(
             base,
-            name=f"short tail (n={n})",
+            name=f"short tail (n={n}{', any length' if dynamic else ''})",
             template=module,
-            key=f"{template.key}|n={n}",
+            key=f"{template.key}|n={'any' if dynamic else n}",
             slot_kinds=list(template.slot_kinds),
             in_dims=in_dims,
-            config=dataclasses.replace(self.config, compiler=self.config.short_tail) if inductor else None,
+            config=config,
             carry=None,
+            length=n if dynamic else None,
             single_lane=True,  # one tail cell per diagonal: never padded to min_lanes
         )
 
