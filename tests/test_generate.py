@@ -6,12 +6,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+from collections import Counter
 from typing import Any
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import diagpass
 from diagpass import models
@@ -146,6 +150,55 @@ def test_fast_generate_leaves_the_state_its_own_leaves(zoo: tuple[models.ARMT, d
     fast.generate(_ids(1, 3 * T + 2), max_new_tokens=2, do_sample=False)
     assert all(layer.W_mem is None and layer.first_seg and not layer.read_only for layer in model.layers)
     assert "forward" not in model.model.__dict__ and "generate" not in model.model.__dict__  # nothing left patched
+
+
+class _DecodeTrace(TorchDispatchMode):
+    """An HF ``generate`` streamer that records, from the first new token on (decoding only), every
+    aten op with its tensor arguments' shapes and strides, and every Python function entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+        self.ops: list[tuple[str, tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]] = []
+        self.python_calls: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves = pytree.tree_leaves((args, kwargs))
+        self.ops.append((str(func), tuple((tuple(t.shape), t.stride()) for t in leaves if isinstance(t, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+    def _profile(self, frame: Any, event: str, _: Any) -> None:
+        if event == "call":
+            self.python_calls[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first new token: decoding starts here
+            self.__enter__()
+            sys.setprofile(self._profile)
+
+    def end(self) -> None:
+        if self.puts >= 2:
+            sys.setprofile(None)
+            self.__exit__(None, None, None)
+
+
+def test_decoding_after_fast_generate_runs_exactly_the_models_own_ops(
+    zoo: tuple[models.ARMT, diagpass.AnyLengthModel],
+) -> None:
+    # Only the prefill may differ: after it, fast.generate must leave nothing installed and hand
+    # decoding state of the own layouts, so decoding costs per token what the model's own does.
+    model, fast = zoo
+    ids = _ids(1, 4 * T + 5)
+    traces = {}
+    for name, generate in [("own", model.generate), ("fast", fast.generate)] * 2:  # the second of each is warm
+        traces[name] = trace = _DecodeTrace()
+        generate(ids, max_new_tokens=5, do_sample=False, streamer=trace)
+    assert fast.report.generations[-1].path == "diagonal", fast.report.generations[-1]
+    own, ours = traces["own"], traces["fast"]
+    assert len(own.ops) > 100 and own.python_calls  # the decoding steps were seen
+    assert ours.ops == own.ops  # same aten ops, on tensors of the same shapes and strides
+    assert ours.python_calls == own.python_calls  # same Python code: no wrapper or hook left behind
 
 
 # --- fast.generate on a reference-style wrapper (unmodified generate, HF base) ---------------------------
