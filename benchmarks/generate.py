@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="one repeat, no warm-up beyond the compile call")
     p.add_argument(
+        "--decode-rounds",
+        type=int,
+        default=6,
+        help="rounds of total calls, one per peer, in alternating order, for the side-by-side decoding speed (0: none)",
+    )
+    p.add_argument(
         "--noise",
         action="store_true",
         help="also run the own generate with the math attention kernel: its token agreement with the default "
@@ -161,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"{row['own_vs_own_math_agreement']:.3f}; diagpass vs own (math) {row['diagpass_vs_own_math_agreement']:.3f}",
                     flush=True,
                 )
+        if args.decode_rounds and not args.quick and len(peers) > 1:
+            row["decode_interleaved"] = interleaved_decode(
+                lambda peer, clock: call(peer, ids, new_tokens, clock), peers, args.decode_rounds  # noqa: B023
+            )
         rows.append(row)
         print_row(row, peers)
 
@@ -200,6 +210,26 @@ def prefill_bound(
     return {"full_segments": full_segments, **times, "bound_s": 1.1 * times["prefill_s"]}
 
 
+def interleaved_decode(run: Any, peers: list[str], rounds: int) -> dict[str, Any]:
+    """Decoding speed of every peer from calls that alternate between the peers, the order reversed
+    every round, so that a drift of the host (its clock, other load) falls on each peer alike.
+    ``run(peer, clock)`` makes one total call with ``clock`` as its streamer. Per peer: the median
+    over calls of the mean ms/token, and the median of every token-to-token interval."""
+    clocks: dict[str, list[TokenClock]] = {peer: [] for peer in peers}
+    for r in range(rounds):
+        for peer in peers if r % 2 == 0 else peers[::-1]:
+            clocks[peer].append(TokenClock())
+            run(peer, clocks[peer][-1])
+    return {
+        peer: {
+            "ms_per_token": statistics.median(c.ms_per_token() for c in calls),
+            "median_interval_ms": statistics.median(i for c in calls for i in c.intervals_ms()),
+            "ms_per_token_calls": [c.ms_per_token() for c in calls],
+        }
+        for peer, calls in clocks.items()
+    }
+
+
 class TokenClock:
     """An HF ``generate`` streamer that notes when each new token reaches the host (HF syncs
     there anyway, for its stopping criteria): the first ``put`` is the prompt, the rest tokens."""
@@ -217,6 +247,11 @@ class TokenClock:
         """Milliseconds per new token after the first (``nan`` with fewer than two tokens)."""
         tokens = self.puts[1:]
         return 1e3 * (tokens[-1] - tokens[0]) / (len(tokens) - 1) if len(tokens) >= 2 else float("nan")
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive new tokens."""
+        tokens = self.puts[1:]
+        return [1e3 * (b - a) for a, b in zip(tokens, tokens[1:])]
 
 
 def without_lm_head(model: Any) -> Any:
@@ -258,6 +293,16 @@ def print_table(rows: list[dict[str, Any]], peers: list[str]) -> None:
         if "own" in peers and "diagpass" in peers:
             line += f" {row['own']['ttft_s'] / row['diagpass']['ttft_s']:>14.2f} {str(row['tokens_identical']):>10s}"
         print(line)
+    interleaved = [row for row in rows if "decode_interleaved" in row]
+    if interleaved:
+        print("\ndecoding, calls alternating between peers: ms/token (median interval ms)")
+        print(f"{'tokens':>8s} " + " ".join(f"{p:>22s}" for p in peers))
+        for row in interleaved:
+            d = row["decode_interleaved"]
+            print(
+                f"{row['tokens']:>8d} "
+                + " ".join(f"{d[p]['ms_per_token']:>13.2f} ({d[p]['median_interval_ms']:5.2f})" for p in peers)
+            )
 
 
 if __name__ == "__main__":
