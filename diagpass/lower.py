@@ -577,7 +577,7 @@ class StepCompiler:
 
         def run(*step_args: Any) -> Any:
             before, started = stats["unique_graphs"], time.perf_counter()
-            outputs = compiled(*step_args)
+            outputs = compiled(*(_without_base(a) for a in step_args))
             if stats["unique_graphs"] != before:
                 seconds = time.perf_counter() - started
                 result.late_compile_s += seconds
@@ -681,6 +681,17 @@ class StepCompiler:
 
 def _layout(value: Any) -> Hashable:
     return (tuple(value.shape), value.stride(), value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _without_base(value: Any) -> Any:
+    """A view as a tensor of its own on the same memory, not a view: Dynamo guards on the sizes
+    of a view's base, and the bases of the program's lane views grow with the number of segments,
+    so a base with a dimension of 1 (one full segment) compiled the dynamic tail's step again,
+    twice, under 0/1 specialisation. Only for steps without gradients (``set_`` has none)."""
+    if not isinstance(value, torch.Tensor) or not value._is_view():
+        return value
+    alias = torch.empty((0,), dtype=value.dtype, device=value.device)
+    return alias.set_(value.untyped_storage(), value.storage_offset(), value.size(), value.stride())
 
 
 def _dynamic_layout(value: Any) -> Hashable:
