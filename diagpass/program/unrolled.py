@@ -147,23 +147,83 @@ def build_unrolled(
 ) -> UnrolledProgram:
     """Rewrite ``gm`` into the step program. Linear in graph size."""
     start = time.perf_counter()
-    bindings = templates.bindings
-    step_of = {cell: i for i, step in enumerate(schedule) for cell in step}
+    bindings, cell_of = templates.bindings, labels.cell_of
+    plans, stack_members, unread = _variant_plans(gm, labels, templates, config)
 
-    # Per variant: its template module, slot kinds and the layer stacks its by_layer slots read.
+    # Groups: per step, the cells of each variant, in layer order.
+    groups: list[StepGroup] = []
+    groups_of_step: list[list[int]] = []
+    for step_index, step in enumerate(schedule):
+        made = step_groups(step_index, step, lambda c: bindings[c].variant, plans, labels.num_segments, config)
+        groups_of_step.append(list(range(len(groups), len(groups) + len(made))))
+        groups.extend(made)
+
+    nodes = list(gm.graph.nodes)
+    time_of = _node_times(nodes, cell_of, schedule)
+    # A step that carries needs the next segment's input before it: that input moves earlier,
+    # which is only safe where nothing outside the cells writes in place.
+    heads = {} if placement.has_mutation(nodes, cell_of) else carried_heads(groups, groups_of_step, plans, bindings, cell_of, time_of)
+    for variant, plan in enumerate(plans):  # a template no step carries for does not pay the head's copy
+        if plan.carry is not None and not any(groups[g].variant == variant for g in heads):
+            plan.carry = None
+    _check_step_times(nodes, cell_of, time_of)
+    outside = [n for n in nodes if n.op not in ("placeholder", "output") and n not in cell_of]
+    outside.sort(key=lambda n: time_of[n])  # stable: graph order within a time
+
+    member_nodes, layouts = _stack_layouts(stack_members)
+    stacks = WeightStacks(layouts, in_place=config.weights_in_stack)
+    runner = StepRunner(groups, plans, compiler, config)
+    root = torch.nn.Module()
+    root.add_module("stacks", stacks)
+    root.add_module("steps", runner)
+    emitter = _StepEmitter(groups, groups_of_step, plans, templates, heads)
+    member_args = emitter.begin(nodes, member_nodes, len(layouts))
+    for node in outside:
+        emitter.emit_steps_before(time_of[node])
+        emitter.copy(node)
+    emitter.emit_steps_before(2 * len(schedule) + 1)
+    emitter.copy(next(n for n in nodes if n.op == "output"))
+    graph = emitter.graph
+    counters["diagpass"]["unread_nodes_erased"] += placement.erase_unread(graph, [emitter.env[n] for n in unread if n in emitter.env])
+    graph.lint()
+    for node in outside:  # attributes and submodules the copied nodes read
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(gm, root, str(node.target))
+    module = torch.fx.GraphModule(root, graph, class_name="DiagonalProgram")
+    counters["diagpass"]["programs"] += 1
+    counters["diagpass"]["groups"] += len(groups)
+    log.debug("built a program of %d steps, %d groups in %.3fs", len(schedule), len(groups), time.perf_counter() - start)
+    return UnrolledProgram(
+        module=module,
+        groups=groups,
+        num_steps=len(schedule),
+        runner=runner,
+        stacks=stacks,
+        member_args=member_args,
+        graphs=program_graphs(config, name="diagbatch program") if member_args is not None else None,
+    )
+
+
+def _variant_plans(
+    gm: torch.fx.GraphModule, labels: CellLabels, templates: TemplateAnalysis, config: DiagbatchConfig
+) -> tuple[list[VariantPlan], list[list[torch.fx.Node]], list[torch.fx.Node]]:
+    """Per variant: its template module, slot kinds and the layer stacks its ``by_layer`` slots
+    read. Also the stacks' members (captured nodes, one list per stack) and the captured nodes
+    bound to slots no template reads."""
+    bindings = templates.bindings
     stack_members: list[list[torch.fx.Node]] = []
     stack_index: dict[tuple[torch.fx.Node, ...], int] = {}
     plans: list[VariantPlan] = []
-    unread: list[torch.fx.Node] = []  # captured nodes bound to slots no template reads
+    unread: list[torch.fx.Node] = []
     for template in templates.templates:
         layers = sorted({layer for layer, _ in template.cells})
+        first_cell: dict[int, Cell] = {}
+        for cell in template.cells:
+            first_cell.setdefault(cell[0], cell)
         stack_ids: dict[int, int] = {}
         for slot, kind in enumerate(template.slot_kinds):
             if kind != "by_layer":
                 continue
-            first_cell = {}
-            for cell in template.cells:
-                first_cell.setdefault(cell[0], cell)
             members = tuple(bindings[first_cell[layer]].inputs[slot] for layer in layers)
             if members not in stack_index:
                 stack_index[members] = len(stack_members)
@@ -189,19 +249,14 @@ def build_unrolled(
                 carry=carried_slot(module, list(slot_kinds), template.cells, bindings, labels.cell_of, config),
             )
         )
+    return plans, stack_members, unread
 
-    # Groups: per step, the cells of each variant, in layer order.
-    groups: list[StepGroup] = []
-    groups_of_step: list[list[int]] = []
-    for step_index, step in enumerate(schedule):
-        made = step_groups(step_index, step, lambda c: bindings[c].variant, plans, labels.num_segments, config)
-        groups_of_step.append(list(range(len(groups), len(groups) + len(made))))
-        groups.extend(made)
 
-    # Time of each node: a step d runs at 2d+1; other nodes at the even time after their inputs.
-    cell_of = labels.cell_of
+def _node_times(nodes: list[torch.fx.Node], cell_of: dict[torch.fx.Node, Cell], schedule: list[list[Cell]]) -> dict[torch.fx.Node, int]:
+    """Time of each node: a step d runs at 2d+1; other nodes at the even time after their inputs
+    (or, under :data:`placement.LATE`, just before the first step that reads them)."""
+    step_of = {cell: i for i, step in enumerate(schedule) for cell in step}
     time_of: dict[torch.fx.Node, int] = {}
-    nodes = list(gm.graph.nodes)
     for node in nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -213,22 +268,21 @@ def build_unrolled(
         time_of[node] = t + (t % 2)
     if placement.LATE:  # the prologue of a segment just before its first step (diagpass.placement)
         counters["diagpass"]["placed_late"] += placement.place_late(nodes, cell_of, time_of)
-    # A step that carries needs the next segment's input before it: that input moves earlier,
-    # which is only safe where nothing outside the cells writes in place.
-    heads = {} if placement.has_mutation(nodes, cell_of) else carried_heads(groups, groups_of_step, plans, bindings, cell_of, time_of)
-    for variant, plan in enumerate(plans):  # a template no step carries for does not pay the head's copy
-        if plan.carry is not None and not any(groups[g].variant == variant for g in heads):
-            plan.carry = None
-    for node in nodes:  # the theorem, once more, on the actual node times
+    return time_of
+
+
+def _check_step_times(nodes: list[torch.fx.Node], cell_of: dict[torch.fx.Node, Cell], time_of: dict[torch.fx.Node, int]) -> None:
+    """The theorem, once more, on the actual node times: no step reads a node that runs after it."""
+    for node in nodes:
         cell = cell_of.get(node)
         if cell is not None:
             for i in node.all_input_nodes:
                 if i not in cell_of and time_of.get(i, 0) > time_of[node]:
                     raise AssertionError(f"node {i.name} runs after the step of {cell} that reads it")
-    outside = [n for n in nodes if n.op not in ("placeholder", "output") and n not in cell_of]
-    outside.sort(key=lambda n: time_of[n])  # stable: graph order within a time
 
-    # The stacks' members, each graph input once; a stack's layout indexes into them.
+
+def _stack_layouts(stack_members: list[list[torch.fx.Node]]) -> tuple[list[torch.fx.Node], list[list[int]]]:
+    """The stacks' members, each captured node once, and each stack's layout as indices into them."""
     member_nodes: list[torch.fx.Node] = []
     member_pos: dict[torch.fx.Node, int] = {}
     layouts: list[list[int]] = []
@@ -238,83 +292,78 @@ def build_unrolled(
                 member_pos[m] = len(member_nodes)
                 member_nodes.append(m)
         layouts.append([member_pos[m] for m in members])
+    return member_nodes, layouts
 
-    stacks = WeightStacks(layouts, in_place=config.weights_in_stack)
-    runner = StepRunner(groups, plans, compiler, config)
-    root = torch.nn.Module()
-    root.add_module("stacks", stacks)
-    root.add_module("steps", runner)
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    placeholders = [node for node in nodes if node.op == "placeholder"]
-    for node in placeholders:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    member_args: list[int] | None = None
-    if all(m.op == "placeholder" for m in member_nodes):
+
+class _StepEmitter:
+    """Writes the program's graph: the captured nodes copied in time order, with one ``steps``
+    call per group emitted before the first node that runs after its step."""
+
+    def __init__(
+        self,
+        groups: list[StepGroup],
+        groups_of_step: list[list[int]],
+        plans: list[VariantPlan],
+        templates: TemplateAnalysis,
+        heads: dict[int, torch.fx.Node],
+    ) -> None:
+        self.groups, self.groups_of_step, self.plans, self.heads = groups, groups_of_step, plans, heads
+        self.bindings, self.detached = templates.bindings, templates.detached
+        self.graph = torch.fx.Graph()
+        self.env: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.stacks_node: Any = None
+        self.emitted_steps = 0
+
+    def copy(self, node: torch.fx.Node) -> None:
+        self.env[node] = self.graph.node_copy(node, lambda n: self.env[n])
+
+    def begin(self, nodes: list[torch.fx.Node], member_nodes: list[torch.fx.Node], num_stacks: int) -> list[int] | None:
+        """The placeholders and the weight stacks; returns each stack member's argument index
+        when every member is an argument (``None``: the module stacks them itself)."""
+        placeholders = [node for node in nodes if node.op == "placeholder"]
+        for node in placeholders:
+            self.copy(node)
+        if not all(m.op == "placeholder" for m in member_nodes):
+            self.stacks_node = self.graph.call_module("stacks", tuple(self.env[m] for m in member_nodes))
+            return None
         # The stacks arrive as arguments after the graph's own: DiagonalProgram builds them
         # outside the module, and so outside a CUDA graph of it.
         index = {node: i for i, node in enumerate(placeholders)}  # linear in graph size
-        member_args = [index[m] for m in member_nodes]
-        stacks_node: Any = [graph.placeholder(f"weight_stack_{i}") for i in range(len(layouts))]
-    else:
-        stacks_node = graph.call_module("stacks", tuple(env[m] for m in member_nodes))
+        self.stacks_node = [self.graph.placeholder(f"weight_stack_{i}") for i in range(num_stacks)]
+        return [index[m] for m in member_nodes]
 
-    def emit_step(step_index: int) -> None:
-        for group_id in groups_of_step[step_index]:
-            group = groups[group_id]
-            plan = plans[group.variant]
-            args: list[torch.fx.Node] = []
-            for slot, kind in enumerate(plan.slot_kinds):
-                if kind == "shared":
-                    args.append(env[bindings[group.cells[0]].inputs[slot]])
-                elif kind == "per_cell":
-                    for c in group.cells:
-                        value = env[bindings[c].inputs[slot]]
-                        if slot in templates.detached.get(c, ()):  # truncated BPTT: the model's detach
-                            value = graph.call_method("detach", (value,))
-                        args.append(value)
-            head = heads.get(group_id)
-            kwargs = {"head": env[head]} if head is not None else {}
-            call = graph.call_module("steps", (group_id, stacks_node, *args), kwargs)
-            call.meta["diagpass_group"] = group_id
-            index = 0
-            for cell in group.cells:
-                for out in bindings[cell].outputs:
-                    item = graph.call_function(operator.getitem, (call, index))
-                    item.meta = dict(out.meta)
-                    env[out] = item
-                    index += 1
-            if head is not None:  # the same values, now lane 0 of the buffer the next step reads in place
+    def emit_steps_before(self, time: int) -> None:
+        """Every step not yet emitted that runs before ``time`` (step d runs at 2d+1)."""
+        while self.emitted_steps < len(self.groups_of_step) and 2 * self.emitted_steps + 1 < time:
+            for group_id in self.groups_of_step[self.emitted_steps]:
+                self._emit_group(group_id)
+            self.emitted_steps += 1
+
+    def _emit_group(self, group_id: int) -> None:
+        group, graph, env = self.groups[group_id], self.graph, self.env
+        plan = self.plans[group.variant]
+        args: list[torch.fx.Node] = []
+        for slot, kind in enumerate(plan.slot_kinds):
+            if kind == "shared":
+                args.append(env[self.bindings[group.cells[0]].inputs[slot]])
+            elif kind == "per_cell":
+                for c in group.cells:
+                    value = env[self.bindings[c].inputs[slot]]
+                    if slot in self.detached.get(c, ()):  # truncated BPTT: the model's detach
+                        value = graph.call_method("detach", (value,))
+                    args.append(value)
+        head = self.heads.get(group_id)
+        kwargs = {"head": env[head]} if head is not None else {}
+        call = graph.call_module("steps", (group_id, self.stacks_node, *args), kwargs)
+        call.meta["diagpass_group"] = group_id
+        index = 0
+        for cell in group.cells:
+            for out in self.bindings[cell].outputs:
                 item = graph.call_function(operator.getitem, (call, index))
-                item.meta = dict(head.meta)
-                env[head] = item
-
-    emitted_steps = 0
-    for node in outside:
-        while emitted_steps < len(schedule) and 2 * emitted_steps + 1 < time_of[node]:
-            emit_step(emitted_steps)
-            emitted_steps += 1
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    while emitted_steps < len(schedule):
-        emit_step(emitted_steps)
-        emitted_steps += 1
-    output = next(n for n in nodes if n.op == "output")
-    graph.node_copy(output, lambda n: env[n])
-    counters["diagpass"]["unread_nodes_erased"] += placement.erase_unread(graph, [env[n] for n in unread if n in env])
-    graph.lint()
-    for node in outside:  # attributes and submodules the copied nodes read
-        if node.op in ("get_attr", "call_module"):
-            _copy_attr(gm, root, str(node.target))
-    module = torch.fx.GraphModule(root, graph, class_name="DiagonalProgram")
-    counters["diagpass"]["programs"] += 1
-    counters["diagpass"]["groups"] += len(groups)
-    log.debug("built a program of %d steps, %d groups in %.3fs", len(schedule), len(groups), time.perf_counter() - start)
-    return UnrolledProgram(
-        module=module,
-        groups=groups,
-        num_steps=len(schedule),
-        runner=runner,
-        stacks=stacks,
-        member_args=member_args,
-        graphs=program_graphs(config, name="diagbatch program") if member_args is not None else None,
-    )
+                item.meta = dict(out.meta)
+                env[out] = item
+                index += 1
+        if head is not None:  # the same values, now lane 0 of the buffer the next step reads in place
+            item = graph.call_function(operator.getitem, (call, index))
+            item.meta = dict(head.meta)
+            env[head] = item
