@@ -41,9 +41,10 @@ from diagpass.errors import ConfigError, DiagpassError, GeneralisationError, Inp
 from diagpass.passes.detach import DetachRule, fit_detach_windows, redetach_outputs
 from diagpass.passes.reroll import Probe, RerollError, find_length_axes, prove_reroll, split_units
 from diagpass.passes.segment_outputs import OutputGroups, group_segment_outputs
-from diagpass.report import analyze_graph
+from diagpass.report import GraphAnalysis, analyze_graph
 from diagpass.returns import ReturnRecipe
 from diagpass.program import DiagonalProgram, RunStats, plan_program
+from diagpass.program.plan import ProgramPlan
 
 if TYPE_CHECKING:
     from diagpass.generate import GenerateRecord
@@ -578,29 +579,14 @@ def compile(  # noqa: A001 - the public name the issue asks for
     started = time.perf_counter()
 
     arg_leaves, arg_spec = pytree.tree_flatten((probe_args, probe_kwargs))
-    if not any(isinstance(leaf, torch.Tensor) for leaf in arg_leaves):
-        raise ProbeError(f"diagpass.compile: the probe has no tensor argument; {_PROBE_HINT}")
-    for i, leaf in enumerate(arg_leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.numel() == 0:
-            raise ProbeError(f"diagpass.compile: the probe is empty (argument {i} has shape {tuple(leaf.shape)}); {_PROBE_HINT}")
+    _check_probe(arg_leaves)
     captured, before = _capture_once(model, probe_args, probe_kwargs)
     report.trace_s.append(captured.trace_s)
     gm = captured.graph_module
     assert gm is not None
     analysis = analyze_graph(gm)
     verdict = analysis.report
-    if 0 < verdict.num_segments < 3:
-        raise ProbeError(
-            f"diagpass.compile: the probe runs {verdict.num_segments} segment(s); diagpass.compile needs a probe of at "
-            f"least 3 segments (the first one, and two that show the steady state): {_PROBE_HINT}"
-        )
-    if not verdict.ok or analysis.templates is None:
-        raise StructureError(f"diagpass.compile: diagonal structure not proven: {verdict.reason}", verdict.violations)
-    if analysis.templates.unbatchable:
-        raise StructureError(f"diagpass.compile: cells cannot be batched: {analysis.templates.unbatchable}")
-    random = analysis.templates.random  # dropout in train() mode: only the training program batches it
-    if random and not any(p.requires_grad for p in model.parameters()):
-        raise StructureError(f"diagpass.compile: cells cannot be batched (no parameter requires grad): {random}")
+    random = _check_structure(model, analysis)
     mapping = _map_probe(model, captured, arg_leaves, before)
     try:
         split = split_units(gm.graph, analysis.labels)
@@ -647,14 +633,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
         truncation_probes=[(num_segments, analysis, mapping)] + [(2, extra_analysis, m) for _, m, _, extra_analysis in cut_probes],
     )
     report.prove_s = time.perf_counter() - prove_start + verdict.analysis_s
-    report.num_layers = plan.num_layers
-    report.segment_size = segment
-    report.length_inputs = {f"argument {i}": d for i, d in sorted(length_dims.items())}
-    report.short_tail = plan.short_tail
-    report.holes_checked = plan.holes_checked
-    report.unit_nodes = (len(plan.first.form), len(plan.steady.form))
-    report.state_writes = [".".join(filter(None, where)) for where in mapping.writes]
-    report.carry = program.carry
+    _describe_plan(report, plan, mapping, segment=segment, length_dims=length_dims, carry=program.carry)
     if config.pipeline:  # one stage of contiguous layers per rank (diagpass.distributed)
         from diagpass.distributed import stages_for
         from diagpass.program.pipeline import PipelineProgram
@@ -665,12 +644,7 @@ def compile(  # noqa: A001 - the public name the issue asks for
     # Restore the state the user's probe call left (the cut probes ran after it).
     _replay_writes(model, mapping, captured, num_segments)
     log.info("diagpass.compile: proven in %.2fs:\n%s", time.perf_counter() - started, report)
-    for kept in keep_alive:  # Dynamo's cache keeps the recorders alive: drop the probes' outputs
-        kept.outputs.clear()
-        kept.returned = None
-    for probe_map in [mapping, *extra_maps]:
-        probe_map.writes_of = probe_map.source_of = None  # their closures hold the probe's outputs
-    keep_alive.clear()
+    _release_probes(keep_alive, [mapping, *extra_maps])
     return AnyLengthModel(
         model=model,
         program=program,
@@ -684,6 +658,59 @@ def compile(  # noqa: A001 - the public name the issue asks for
         training=training,
         random=random,
     )
+
+
+def _check_probe(arg_leaves: list[Any]) -> None:
+    """A probe has a tensor argument, and no empty one."""
+    if not any(isinstance(leaf, torch.Tensor) for leaf in arg_leaves):
+        raise ProbeError(f"diagpass.compile: the probe has no tensor argument; {_PROBE_HINT}")
+    for i, leaf in enumerate(arg_leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.numel() == 0:
+            raise ProbeError(f"diagpass.compile: the probe is empty (argument {i} has shape {tuple(leaf.shape)}); {_PROBE_HINT}")
+
+
+def _check_structure(model: torch.nn.Module, analysis: GraphAnalysis) -> str | None:
+    """Raise unless the probe's graph is proven diagonal-safe, with cells that batch; returns the
+    cells' random ops (dropout in ``train()`` mode: only the training program batches them)."""
+    verdict = analysis.report
+    if 0 < verdict.num_segments < 3:
+        raise ProbeError(
+            f"diagpass.compile: the probe runs {verdict.num_segments} segment(s); diagpass.compile needs a probe of at "
+            f"least 3 segments (the first one, and two that show the steady state): {_PROBE_HINT}"
+        )
+    if not verdict.ok or analysis.templates is None:
+        raise StructureError(f"diagpass.compile: diagonal structure not proven: {verdict.reason}", verdict.violations)
+    if analysis.templates.unbatchable:
+        raise StructureError(f"diagpass.compile: cells cannot be batched: {analysis.templates.unbatchable}")
+    random = analysis.templates.random
+    if random and not any(p.requires_grad for p in model.parameters()):
+        raise StructureError(f"diagpass.compile: cells cannot be batched (no parameter requires grad): {random}")
+    return random
+
+
+def _describe_plan(
+    report: RerollReport, plan: ProgramPlan, mapping: _Mapping, *, segment: int, length_dims: dict[int, int], carry: Any
+) -> None:
+    """What the proof found, in the report users read (``fast.report``)."""
+    report.num_layers = plan.num_layers
+    report.segment_size = segment
+    report.length_inputs = {f"argument {i}": d for i, d in sorted(length_dims.items())}
+    report.short_tail = plan.short_tail
+    report.holes_checked = plan.holes_checked
+    report.unit_nodes = (len(plan.first.form), len(plan.steady.form))
+    report.state_writes = [".".join(filter(None, where)) for where in mapping.writes]
+    report.carry = carry
+
+
+def _release_probes(keep_alive: list[Any], mappings: list[_Mapping]) -> None:
+    """Drop what the probe calls returned: Dynamo's cache keeps their recorders alive, and the
+    mappings' closures hold the probes' outputs."""
+    for kept in keep_alive:
+        kept.outputs.clear()
+        kept.returned = None
+    for probe_map in mappings:
+        probe_map.writes_of = probe_map.source_of = None
+    keep_alive.clear()
 
 
 def _segmented_inputs(
