@@ -4,6 +4,7 @@ the diagonal program), token for token equal to the model's own ``generate`` (fp
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -154,13 +155,16 @@ def test_fast_generate_leaves_the_state_its_own_leaves(zoo: tuple[models.ARMT, d
 
 class _DecodeTrace(TorchDispatchMode):
     """An HF ``generate`` streamer that records, from the first new token on (decoding only), every
-    aten op with its tensor arguments' shapes and strides, and every Python function entered."""
+    aten op with its tensor arguments' shapes and strides, and every Python function entered. The
+    garbage collector is off meanwhile: its callbacks (Hypothesis installs one) run at moments
+    that differ between two calls."""
 
     def __init__(self) -> None:
         super().__init__()
         self.puts = 0
         self.ops: list[tuple[str, tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]] = []
         self.python_calls: Counter[tuple[str, str]] = Counter()
+        self.gc_was_enabled = gc.isenabled()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         leaves = pytree.tree_leaves((args, kwargs))
@@ -174,6 +178,7 @@ class _DecodeTrace(TorchDispatchMode):
     def put(self, value: torch.Tensor) -> None:
         self.puts += 1
         if self.puts == 2:  # the prompt, then the first new token: decoding starts here
+            gc.disable()
             self.__enter__()
             sys.setprofile(self._profile)
 
@@ -181,6 +186,8 @@ class _DecodeTrace(TorchDispatchMode):
         if self.puts >= 2:
             sys.setprofile(None)
             self.__exit__(None, None, None)
+            if self.gc_was_enabled:
+                gc.enable()
 
 
 def test_decoding_after_fast_generate_runs_exactly_the_models_own_ops(
