@@ -286,7 +286,19 @@ def diagbatch(
         record.times.analysis_s,
         record.times.rewrite_s,
     )
-    runner = program.runner
+    return _program_call(gm, example_inputs, program, record, training)
+
+
+def _program_call(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    program: DiagonalProgram | UnrolledProgram,
+    record: CompileRecord,
+    training: bool,
+) -> Callable[..., Any]:
+    """What Dynamo calls in place of ``gm``: the program, with the step statistics recorded after
+    each call; a failed first run (an op vmap cannot batch, say) falls back to the plain graph."""
+    config, runner = record.config, program.runner
     if isinstance(program, DiagonalProgram):
         inputs_of = _input_keys(gm)
         segments, last = program.fixed_length  # type: ignore[misc]
@@ -298,7 +310,7 @@ def diagbatch(
     else:
         call = program
 
-    fallback: list[Any] = []  # set if the first run fails (e.g. an op vmap cannot batch)
+    fallback: list[Any] = []  # set if the first run fails
 
     def run(*args: Any) -> Any:
         if fallback:
