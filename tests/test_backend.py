@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 import diagpass
 from diagpass import models
-from tests.helpers import compare_low_precision, compile_and_compare, logits_of, max_rel_err, state_of
+from tests.helpers import compare_low_precision, compile_and_compare, logits_of, max_rel_err
 from tests.reference_style import ReferenceStyleARMT
 
 EAGER_STEPS = {"compiler": "eager"}
