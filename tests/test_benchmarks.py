@@ -120,3 +120,37 @@ def test_generate_phases_tiny_cpu_smoke(tmp_path: Path) -> None:
     assert labels.count("diagonal prefill program") == 1 and labels.count("HF generate on the last segment") == 1
     assert labels.index("diagonal prefill program") < labels.index("HF generate on the last segment")
     assert "generate: diagonal" in row["record"] and row["ttft_s"] > 0
+
+
+def test_generate_prefill_bound_goes_on_when_the_logits_for_every_token_do_not_fit() -> None:
+    """At 131K tokens on an 80 GB card the forward with the LM head (31 GiB of logits) runs out of
+    memory: the bound (on the headless prefill) is still measured, the other is recorded as skipped."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from generate import prefill_bound
+        from prefill import Timer
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    headless_calls: list[int] = []
+
+    def headless(head: torch.Tensor) -> None:
+        headless_calls.append(head.shape[1])
+
+    def with_head(head: torch.Tensor) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 31.07 GiB.")
+
+    ids = torch.zeros(1, 50, dtype=torch.long)
+    bound = prefill_bound(with_head, headless, ids, 16, Timer(torch.device("cpu")), 0, 2)
+    assert headless_calls == [48, 48, 48]  # the compile call, then 2 repeats, of the 3 full segments
+    assert bound["full_segments"] == 3 and bound["prefill_with_lm_head_s"] is None
+    assert bound["prefill_with_lm_head_skipped"].startswith("out of memory")
+    assert bound["bound_s"] == 1.1 * bound["prefill_s"] > 0
+
+    def headless_oom(head: torch.Tensor) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(torch.OutOfMemoryError):  # the bound itself cannot be skipped
+        prefill_bound(with_head, headless_oom, ids, 16, Timer(torch.device("cpu")), 0, 2)
